@@ -1,0 +1,215 @@
+"""The ``medtl`` command.
+
+    medtl demo [--out DIR] [--slices K] [--compare-scratch] [--device auto|cpu|cuda]
+    medtl train CONFIG [--resume]
+    medtl predict --model PKG --image IMG --out SEG [--probabilities PROB]
+    medtl info PKG
+    medtl models
+    medtl weights seed|check
+
+Progress goes to stderr as a bar; ``--events -`` sends the JSON-lines stream to stdout instead
+(what the Slicer module reads), ``--events FILE`` appends it to a file. A problem with the input
+prints one line ``medtl: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from medtl.errors import MedTLError
+from medtl.events import EventSink, TerminalProgress
+
+
+def _sink(args: argparse.Namespace, run_file: Path | None = None) -> EventSink:
+    listeners = []
+    stream = None
+    if args.events == "-":
+        stream = sys.stdout
+    elif not args.quiet:
+        listeners.append(TerminalProgress(sys.stderr))
+    path = run_file
+    if args.events not in (None, "-"):
+        path = Path(args.events)
+    return EventSink(stream=stream, path=path, listeners=listeners)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where to compute (default: auto)")
+    p.add_argument("--events", metavar="PATH", help="JSON-lines progress: '-' for stdout, or a file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medtl", description="Transfer learning for medical images.")
+    parser.add_argument("--verbose", action="store_true", help="log details and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="fine-tune on a few slices of a real liver CT and segment the rest")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--slices", type=int, default=8, help="labelled axial slices K (default: 8)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs of 20 steps (default: 12)")
+    p.add_argument("--compare-scratch", action="store_true", help="also train from random weights, several seeds")
+    p.add_argument("--seeds", type=int, default=3, help="seeds for --compare-scratch (default: 3)")
+    _add_common(p)
+
+    p = sub.add_parser("train", help="train from a JSON run configuration")
+    p.add_argument("config", help="run configuration (JSON)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--output-dir", help="override the configuration's output_dir")
+    _add_common(p)
+
+    p = sub.add_parser("predict", help="segment an image with a model package")
+    p.add_argument("--model", required=True, help="model package directory")
+    p.add_argument("--image", required=True, help="image file or DICOM directory")
+    p.add_argument("--out", required=True, help="output segmentation (.seg.nrrd, .nrrd, .nii.gz ...)")
+    p.add_argument("--probabilities", help="also write the foreground probability volume here")
+    _add_common(p)
+
+    p = sub.add_parser("info", help="describe a model package")
+    p.add_argument("package")
+
+    sub.add_parser("models", help="list the registered networks")
+
+    p = sub.add_parser("weights", help="pretrained weight files in the torch hub cache")
+    p.add_argument("action", choices=["seed", "check"], help="seed: install offline copies; check: verify cached files")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    sinks: list[EventSink] = []
+
+    def make_sink(run_file: Path | None = None) -> EventSink:
+        sinks.append(_sink(args, run_file))
+        return sinks[-1]
+
+    try:
+        return _dispatch(args, make_sink)
+    except MedTLError as err:
+        if args.verbose:
+            raise
+        print(f"medtl: error: {err}", file=sys.stderr)
+        if getattr(args, "events", None) == "-":
+            print(json.dumps({"event": "error", "message": str(err)}), flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmedtl: interrupted; the last checkpoint is kept (use --resume)", file=sys.stderr)
+        return 130
+    finally:
+        for sink in sinks:
+            sink.close()
+
+
+def _dispatch(args: argparse.Namespace, make_sink) -> int:
+    if args.command == "demo":
+        from medtl.demo import run_demo
+
+        out = Path(args.out)
+        events = make_sink(out / "events.jsonl")
+        metrics = run_demo(
+            out, k=args.slices, epochs=args.epochs, device=args.device or "auto",
+            compare_scratch=args.compare_scratch, seeds=args.seeds, events=events,
+        )
+        events.close()
+        _print_demo(metrics, out)
+        return 0
+
+    if args.command == "train":
+        from medtl.config import RunConfig
+        from medtl.pipeline import run_training
+
+        cfg = RunConfig.load(args.config)
+        if args.output_dir:
+            cfg.output_dir = args.output_dir
+        if args.device:
+            cfg.train.device = args.device
+        events = make_sink(Path(cfg.output_dir) / "events.jsonl")
+        metrics = run_training(cfg, events=events, resume=args.resume)
+        events.close()
+        if args.events != "-":
+            print(f"run written to {cfg.output_dir} (model package: {Path(cfg.output_dir) / 'model'})")
+            print(json.dumps({k: v for k, v in metrics.items() if k != "val_cases_dice"}, indent=2))
+        return 0
+
+    if args.command == "predict":
+        return _predict(args, make_sink())
+
+    if args.command == "info":
+        from medtl.package import describe
+
+        print(describe(args.package))
+        return 0
+
+    if args.command == "models":
+        from medtl.models.registry import MODELS
+
+        for name, spec in sorted(MODELS.items()):
+            print(f"{name:24s} {spec.spatial_dims}D  {'ImageNet' if spec.imagenet else 'file   '}  {spec.description}")
+        return 0
+
+    if args.command == "weights":
+        from medtl.models.weights import hub_checkpoint_path, seed_offline_weights, verify_weight_file
+
+        if args.action == "seed":
+            for path in seed_offline_weights():
+                print(f"seeded {path}")
+            return 0
+        from medtl.models.weights import IMAGENET_WEIGHTS
+
+        for arch, name in IMAGENET_WEIGHTS.items():
+            path = hub_checkpoint_path(name)
+            state = "missing"
+            if path.is_file():
+                verify_weight_file(path)
+                state = "ok"
+            print(f"{arch:16s} {state:8s} {path}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def _predict(args: argparse.Namespace, events: EventSink) -> int:
+    import numpy as np
+
+    from medtl.data.io import array_like, read_image, write_image, write_segmentation
+    from medtl.package import load_package, segment_image
+    from medtl.train import resolve_device
+
+    package = load_package(args.model)
+    image = read_image(args.image)
+    device = resolve_device(args.device or "auto", events)
+    labels, probs = segment_image(package, image, device=device, events=events)
+    out = Path(args.out)
+    if out.name.endswith(".seg.nrrd"):
+        import SimpleITK as sitk
+
+        write_segmentation(sitk.GetArrayFromImage(labels), image, out, package.segments())
+    else:
+        write_image(labels, out)
+    if args.probabilities:
+        write_image(array_like((1.0 - probs[0]).astype(np.float32), image), args.probabilities)
+    events.emit("done", output=str(out))
+    if args.events != "-":
+        print(f"segmentation written to {out}")
+    return 0
+
+
+def _print_demo(metrics: dict, out: Path) -> None:
+    d = metrics["dice_held_out"]
+    print(
+        f"\nDice on the {metrics['evaluated_slices']} slices not used for training "
+        f"({len(metrics['labelled_slices'])} labelled): liver {d['liver']:.3f}, tumour {d['tumour']:.3f}, "
+        f"liver+tumour {d['liver_and_tumour']:.3f}"
+    )
+    if "comparison" in metrics:
+        for kind, scores in metrics["comparison"].items():
+            text = ", ".join(f"{n} {s['mean']:.3f} ± {s['sd']:.3f}" for n, s in scores.items())
+            print(f"  {kind:10s} (n={len(scores['liver']['values'])} seeds): {text}")
+    print(f"spacing: assumed {metrics['assumed_spacing_mm']} mm (the demo data carries none)")
+    print(f"time: {metrics['total_seconds']:.0f} s on {metrics['device']}")
+    print(f"outputs in {out}: prediction.seg.nrrd, image.nrrd, reference.seg.nrrd, metrics.json, demo.png, model/")

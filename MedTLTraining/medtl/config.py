@@ -1,0 +1,263 @@
+"""Typed run configuration with a JSON round trip and validation that names the bad field.
+
+Example:
+    >>> cfg = RunConfig.from_dict({"model": {"name": "unet_mobilenet_v2"}, "train": {"epochs": 3}})
+    >>> cfg.train.epochs
+    3
+    >>> RunConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from medtl.errors import ConfigError
+
+Task = Literal["segmentation_2d", "segmentation_3d"]
+Strategy = Literal["feature_extraction", "full_finetune", "feature_extraction_then_finetune"]
+Preset = Literal["ct_abdomen", "ct_liver", "ct_lung", "ct_bone", "ct_brain", "mri", "none"]
+Augmentation = Literal["none", "light", "standard"]
+Loss = Literal["dice_ce", "dice", "ce", "focal", "dice_focal"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass
+class DataConfig:
+    """Where the cases are and what their labels mean.
+
+    Attributes:
+        csv: dataset CSV (``image``, ``label`` and free columns); relative paths are resolved
+            against the CSV's folder.
+        label_names: names of label values 1..N (0 is background).
+        val_fraction: share of the cases (3D) or labelled slices (2D) held out for validation.
+        labelled_slices: for 2D tasks, train only on slices holding labels (painted slices);
+            the others are unknown, not background.
+    """
+
+    csv: str = ""
+    label_names: list[str] = field(default_factory=lambda: ["foreground"])
+    val_fraction: float = 0.0
+    labelled_slices: bool = True
+
+
+@dataclass
+class PreprocessConfig:
+    """Intensity preset and the training patch size (2 numbers for 2D, 3 for 3D)."""
+
+    preset: Preset = "ct_abdomen"
+    window: list[float] | None = None
+    patch_size: list[int] = field(default_factory=lambda: [128, 128])
+
+
+@dataclass
+class ModelConfig:
+    """Network from the registry and where its pretrained weights come from.
+
+    ``pretrained`` is ``"imagenet"`` (torchvision's enum, from the hub cache), ``"none"``, or the
+    path of a local weight file (state dict or checkpoint; keys are matched and reported).
+    """
+
+    name: str = "unet_mobilenet_v2"
+    pretrained: str = "imagenet"
+
+
+@dataclass
+class StrategyConfig:
+    """How the pretrained part is trained.
+
+    ``feature_extraction_then_finetune`` trains with a frozen encoder for
+    ``feature_extraction_epochs`` and then unfreezes it with ``encoder_lr_factor`` times the
+    learning rate.
+    """
+
+    name: Strategy = "feature_extraction_then_finetune"
+    feature_extraction_epochs: int = 5
+    encoder_lr_factor: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay (per step)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 10
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    steps_per_epoch: int = 20
+    batch_size: int = 8
+    seed: int = 0
+    device: Device = "auto"
+    amp: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. ``output_dir`` receives checkpoints, events, metrics and the package."""
+
+    task: Task = "segmentation_2d"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augmentation: Augmentation = "light"
+    loss: Loss = "dice_ce"
+    output_dir: str = "runs/latest"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        cfg = _build(cls, data, "")
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+        cfg = cls.from_dict(data)
+        # A CSV path in a config file is relative to that file, so configs can be moved with data.
+        if cfg.data.csv and not Path(cfg.data.csv).is_absolute():
+            cfg.data.csv = str((path.parent / cfg.data.csv).resolve())
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from medtl.data.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @property
+    def spatial_dims(self) -> int:
+        return 2 if self.task == "segmentation_2d" else 3
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.label_names) + 1
+
+    def validate(self) -> None:
+        def bad(name: str, msg: str) -> ConfigError:
+            return ConfigError(f"config field '{name}': {msg}")
+
+        if len(self.preprocessing.patch_size) != self.spatial_dims:
+            raise bad(
+                "preprocessing.patch_size",
+                f"needs {self.spatial_dims} numbers for task {self.task}, got {self.preprocessing.patch_size}",
+            )
+        if any(s < 16 for s in self.preprocessing.patch_size):
+            raise bad("preprocessing.patch_size", "each size must be at least 16")
+        if self.preprocessing.window is not None and (
+            len(self.preprocessing.window) != 2 or self.preprocessing.window[0] >= self.preprocessing.window[1]
+        ):
+            raise bad("preprocessing.window", "must be [low, high] with low < high")
+        if not self.data.label_names:
+            raise bad("data.label_names", "needs at least one label name")
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            raise bad("data.val_fraction", "must be in [0, 1)")
+        for name, value in (
+            ("train.epochs", self.train.epochs),
+            ("train.steps_per_epoch", self.train.steps_per_epoch),
+            ("train.batch_size", self.train.batch_size),
+        ):
+            if value < 1:
+                raise bad(name, f"must be at least 1, got {value}")
+        if self.optim.lr <= 0:
+            raise bad("optim.lr", "must be positive")
+        if not 0 < self.strategy.encoder_lr_factor <= 1:
+            raise bad("strategy.encoder_lr_factor", "must be in (0, 1]")
+        if self.strategy.feature_extraction_epochs < 0:
+            raise bad("strategy.feature_extraction_epochs", "must not be negative")
+        from medtl.models.registry import MODELS
+
+        if self.model.name not in MODELS:
+            raise bad("model.name", f"'{self.model.name}' is not one of {_choices(sorted(MODELS))}")
+        spec = MODELS[self.model.name]
+        if spec.spatial_dims != self.spatial_dims:
+            raise bad("model.name", f"'{self.model.name}' is a {spec.spatial_dims}D network but task is {self.task}")
+        if not spec.has_encoder and self.strategy.name != "full_finetune":
+            raise bad(
+                "strategy.name",
+                f"'{self.model.name}' has no separate pretrained encoder; only 'full_finetune' applies",
+            )
+        if self.model.pretrained == "imagenet" and not spec.imagenet:
+            raise bad(
+                "model.pretrained",
+                f"'{self.model.name}' has no ImageNet weights; use 'none' or a local weight file",
+            )
+
+
+def _choices(values: typing.Iterable[Any]) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config field '{prefix or '<root>'}': expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"config field '{where}' is unknown{hint}; allowed fields: {_choices(names)}")
+        kwargs[key] = _coerce(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where + ".")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config field '{where}': {value!r} is not one of {_choices(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config field '{where}': expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config field '{where}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config field '{where}': expected a whole number, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config field '{where}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config field '{where}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")

@@ -1,0 +1,1 @@
+"""Data: image I/O with geometry, dataset CSVs, intensity presets, slice sampling, demo data."""

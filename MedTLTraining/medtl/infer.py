@@ -1,0 +1,76 @@
+"""Inference over whole volumes: 2D slice by slice (batched) and 3D sliding window (MONAI).
+
+Inputs and outputs are (z, y, x) arrays in the preset's space; :func:`segment_image` wraps them
+for a SimpleITK image and returns a label image with exactly the input's geometry.
+
+Example:
+    >>> import numpy as np
+    >>> from medtl.models.registry import build_model
+    >>> net = build_model("unet_resnet18", num_classes=2).eval()
+    >>> predict_slices(net, np.zeros((3, 40, 48), np.float32)).shape
+    (2, 3, 40, 48)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from medtl.events import EventSink
+
+
+@torch.inference_mode()
+def predict_slices(
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    *,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    events: EventSink | None = None,
+) -> np.ndarray:
+    """Softmax probabilities (C, z, y, x) of a 2D network applied to every axial (z) slice."""
+    model.eval().to(device)
+    probs = []
+    n = volume.shape[0]
+    for start in range(0, n, batch_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(volume[start : start + batch_size, None])).to(device)
+        probs.append(torch.softmax(model(chunk).float(), dim=1).cpu())
+        if events is not None:
+            events.emit("step", label="predict", step=min(n, start + batch_size), total_steps=n, epoch=1, epochs=1, loss=0.0)
+    return torch.cat(probs).movedim(1, 0).numpy()
+
+
+@torch.inference_mode()
+def predict_sliding_window(
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    *,
+    roi_size: Sequence[int],
+    sw_batch_size: int = 2,
+    overlap: float = 0.25,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Softmax probabilities (C, z, y, x) of a 3D network by Gaussian-weighted sliding windows."""
+    model.eval().to(device)
+    x = torch.from_numpy(np.ascontiguousarray(volume[None, None])).to(device)
+    logits = sliding_window_inference(
+        x, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap, mode="gaussian"
+    )
+    return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+
+
+def predict_volume(
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    *,
+    spatial_dims: int,
+    patch_size: Sequence[int],
+    device: torch.device | str = "cpu",
+    events: EventSink | None = None,
+) -> np.ndarray:
+    if spatial_dims == 2:
+        return predict_slices(model, volume, device=device, events=events)
+    return predict_sliding_window(model, volume, roi_size=patch_size, device=device)

@@ -1,0 +1,1 @@
+"""Networks: the registry, torchvision encoders for MONAI's FlexibleUNet, weight resolution."""

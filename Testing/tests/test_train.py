@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+from test_strategies import _cfg, _items
+
+from medtl.events import EventSink
+from medtl.train import fit, lr_factor
+
+
+def test_loss_falls_on_a_learnable_task(tmp_path, hub_cache):
+    from medtl.config import RunConfig
+
+    cfg = RunConfig.from_dict({
+        "model": {"name": "unet_mobilenet_v2", "pretrained": "imagenet"},
+        "preprocessing": {"patch_size": [32, 32]},
+        "strategy": {"name": "full_finetune"},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"epochs": 4, "steps_per_epoch": 5, "batch_size": 4, "device": "cpu"},
+        "augmentation": "none",
+    })
+    result = fit(cfg, _items(6), run_dir=tmp_path)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_warmup_then_cosine():
+    factors = [lr_factor(s, total=100, warmup=10) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[99] < 0.01
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    cfg = _cfg("feature_extraction_then_finetune", epochs=3, fe_epochs=1)
+    full = fit(cfg, _items(), run_dir=tmp_path / "full")
+
+    def stop_after_second_epoch(record):
+        if record["event"] == "checkpoint" and record["epoch"] == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit(cfg, _items(), run_dir=tmp_path / "cut", events=EventSink(listeners=[stop_after_second_epoch]))
+    seen = []
+    resumed = fit(cfg, _items(), run_dir=tmp_path / "cut", resume=True, events=EventSink(listeners=[seen.append]))
+    assert [r["epoch"] for r in seen if r["event"] == "epoch"] == [3]
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    np.testing.assert_allclose([h["loss"] for h in resumed.history], [h["loss"] for h in full.history], rtol=1e-5)
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_events_report_progress_and_eta(tmp_path):
+    seen = []
+    fit(_cfg("full_finetune", epochs=2), _items(), run_dir=tmp_path, events=EventSink(listeners=[seen.append]))
+    kinds = [r["event"] for r in seen]
+    assert kinds[0] == "start" and kinds.count("epoch") == 2 and kinds.count("checkpoint") == 2
+    steps = [r for r in seen if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert steps[-1]["eta_s"] == 0 and all(r["eta_s"] >= 0 for r in steps)
+    assert (tmp_path / "checkpoint.pt").is_file()
