@@ -193,6 +193,11 @@ class RunConfig:
         spec = MODELS[self.model.name]
         if spec.spatial_dims != self.spatial_dims:
             raise bad("model.name", f"'{self.model.name}' is a {spec.spatial_dims}D network but task is {self.task}")
+        if any(size % spec.divisor for size in self.preprocessing.patch_size):
+            raise bad(
+                "preprocessing.patch_size",
+                f"{self.preprocessing.patch_size}: each size must be a multiple of {spec.divisor} for {self.model.name}",
+            )
         if not spec.has_encoder and self.strategy.name != "full_finetune":
             raise bad(
                 "strategy.name",

@@ -28,16 +28,25 @@ def predict_slices(
     volume: np.ndarray,
     *,
     batch_size: int = 16,
+    divisor: int = 32,
     device: torch.device | str = "cpu",
     events: EventSink | None = None,
 ) -> np.ndarray:
-    """Softmax probabilities (C, z, y, x) of a 2D network applied to every axial (z) slice."""
+    """Softmax probabilities (C, z, y, x) of a 2D network applied to every axial (z) slice.
+
+    Slices are padded with 0 (air, in the preset's space) to a multiple of ``divisor`` and the
+    output is cropped back, so any slice size works.
+    """
     model.eval().to(device)
     probs = []
-    n = volume.shape[0]
+    n, height, width = volume.shape
+    pad_h, pad_w = -height % divisor, -width % divisor
     for start in range(0, n, batch_size):
         chunk = torch.from_numpy(np.ascontiguousarray(volume[start : start + batch_size, None])).to(device)
-        probs.append(torch.softmax(model(chunk).float(), dim=1).cpu())
+        if pad_h or pad_w:
+            chunk = torch.nn.functional.pad(chunk, (0, pad_w, 0, pad_h))
+        logits = model(chunk)[..., :height, :width]
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
         if events is not None:
             events.emit("step", label="predict", step=min(n, start + batch_size), total_steps=n, epoch=1, epochs=1, loss=0.0)
     return torch.cat(probs).movedim(1, 0).numpy()

@@ -150,6 +150,7 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device, events)
     if model is None:
+        torch.manual_seed(cfg.train.seed)  # the new head/decoder's initialisation is part of the run
         model = build_model(cfg.model.name, num_classes=cfg.num_classes, pretrained=cfg.model.pretrained)
     model.to(device)
     if device.type == "cuda" and cfg.spatial_dims == 2:

@@ -82,7 +82,7 @@ def tiny_config(csv: Path | str, out: Path | str, **overrides) -> dict:
     cfg = {
         "task": "segmentation_2d",
         "data": {"csv": str(csv), "label_names": ["disc", "blob"], "val_fraction": 0.25},
-        "preprocessing": {"preset": "ct_abdomen", "patch_size": [48, 48]},
+        "preprocessing": {"preset": "ct_abdomen", "patch_size": [32, 32]},
         "model": {"name": "unet_mobilenet_v2", "pretrained": "imagenet"},
         "strategy": {"name": "feature_extraction_then_finetune", "feature_extraction_epochs": 1},
         "optim": {"lr": 3e-3, "warmup_steps": 2},

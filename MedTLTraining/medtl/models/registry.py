@@ -77,6 +77,7 @@ class ModelSpec:
     description: str
     has_encoder: bool = True
     adapter: bool = True
+    divisor: int = 32  # input sizes must be multiples of this (the encoder's total stride)
 
 
 def _flexible_unet_2d(arch: str) -> Callable[[int, bool], nn.Module]:
@@ -138,6 +139,7 @@ register(
         description="MONAI 3D residual U-Net",
         has_encoder=False,
         adapter=False,
+        divisor=16,
     )
 )
 register(
@@ -149,6 +151,7 @@ register(
         description="MONAI SegResNet (3D)",
         has_encoder=False,
         adapter=False,
+        divisor=8,
     )
 )
 

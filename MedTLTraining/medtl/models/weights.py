@@ -153,26 +153,31 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_matching(model: torch.nn.Module, source: dict[str, torch.Tensor]) -> LoadReport:
-    """Loads every tensor whose name matches a model key exactly or as a unique dotted suffix.
+    """Loads every tensor whose name, under one common prefix, names a model tensor of that shape.
 
-    Suffix matching lets a bare encoder file (``conv1.weight``, as MedicalNet ships) land in
-    ``net.encoder.conv1.weight``; shape mismatches are skipped, never forced.
+    The prefix is the one under which most of the file lands, so a bare encoder file
+    (``conv1.weight``, as MedicalNet ships them) finds ``core.encoder.conv1.weight``; shape
+    mismatches are skipped, never forced.
     """
     target = model.state_dict()
-    by_suffix: dict[str, list[str]] = {}
+    prefixes = {""}
     for key in target:
         parts = key.split(".")
-        for i in range(len(parts)):
-            by_suffix.setdefault(".".join(parts[i:]), []).append(key)
+        prefixes.update(".".join(parts[:i]) + "." for i in range(1, len(parts)))
+
+    def fits(prefix: str, key: str) -> bool:
+        full = prefix + key
+        return full in target and target[full].shape == source[key].shape
+
+    best = max(sorted(prefixes, key=len), key=lambda p: sum(fits(p, k) for k in source))
     report = LoadReport()
     update = {}
-    for key, tensor in source.items():
-        candidates = [key] if key in target else by_suffix.get(key, [])
-        if len(candidates) != 1 or target[candidates[0]].shape != tensor.shape:
+    for key in source:
+        if fits(best, key):
+            update[best + key] = source[key]
+            report.matched.append(best + key)
+        else:
             report.skipped.append(key)
-            continue
-        update[candidates[0]] = tensor
-        report.matched.append(candidates[0])
     report.new = [k for k in target if k not in update]
     model.load_state_dict(update, strict=False)
     return report
