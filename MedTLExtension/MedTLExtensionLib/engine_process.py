@@ -70,9 +70,7 @@ class EngineProcess:
         self.args = args
         full_env = {**os.environ, **(env or {})}
         # The engine must be importable in the child even when it is not pip-installed (Slicer).
-        full_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ENGINE_DIR), full_env.get("PYTHONPATH", "")) if p
-        )
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ENGINE_DIR), full_env.get("PYTHONPATH", "")) if p)
         full_env["PYTHONUNBUFFERED"] = "1"
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._log: deque[str] = deque(maxlen=log_lines)

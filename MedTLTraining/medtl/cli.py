@@ -113,8 +113,13 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         out = Path(args.out)
         events = make_sink(out / "events.jsonl")
         metrics = run_demo(
-            out, k=args.slices, epochs=args.epochs, device=args.device or "auto",
-            compare_scratch=args.compare_scratch, seeds=args.seeds, events=events,
+            out,
+            k=args.slices,
+            epochs=args.epochs,
+            device=args.device or "auto",
+            compare_scratch=args.compare_scratch,
+            seeds=args.seeds,
+            events=events,
         )
         events.close()
         _print_demo(metrics, out)

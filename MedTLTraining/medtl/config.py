@@ -196,7 +196,8 @@ class RunConfig:
         if any(size % spec.divisor for size in self.preprocessing.patch_size):
             raise bad(
                 "preprocessing.patch_size",
-                f"{self.preprocessing.patch_size}: each size must be a multiple of {spec.divisor} for {self.model.name}",
+                f"{self.preprocessing.patch_size}: each size must be a multiple of {spec.divisor} "
+                f"for {self.model.name}",
             )
         if not spec.has_encoder and self.strategy.name != "full_finetune":
             raise bad(

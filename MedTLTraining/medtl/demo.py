@@ -33,8 +33,11 @@ def demo_config(*, epochs: int = 12, device: str = "auto", seed: int = 0, pretra
             "preprocessing": {"preset": "ct_abdomen", "patch_size": [128, 128]},
             "model": {"name": "unet_mobilenet_v2", "pretrained": "imagenet" if pretrained else "none"},
             "strategy": (
-                {"name": "feature_extraction_then_finetune", "feature_extraction_epochs": max(1, epochs // 3),
-                 "encoder_lr_factor": 0.1}
+                {
+                    "name": "feature_extraction_then_finetune",
+                    "feature_extraction_epochs": max(1, epochs // 3),
+                    "encoder_lr_factor": 0.1,
+                }
                 if pretrained
                 # From random weights there is nothing to extract features with: all layers train alike.
                 else {"name": "full_finetune", "encoder_lr_factor": 1.0}
@@ -96,20 +99,32 @@ def run_demo(
     runs: dict[str, list[dict[str, Any]]] = {"pretrained": []}
     if compare_scratch:
         runs["scratch"] = []
-    main_model = main_pred = main_history = None
+    main_model = main_pred = None
     for seed in range(seeds if compare_scratch else 1):
         for kind in runs:
             run_cfg = demo_config(epochs=epochs, device=device, seed=seed, pretrained=kind == "pretrained")
-            result = fit(run_cfg, items, run_dir=out / "runs" / f"{kind}_seed{seed}", events=events,
-                         label=f"{kind} s{seed}")
+            result = fit(
+                run_cfg, items, run_dir=out / "runs" / f"{kind}_seed{seed}", events=events, label=f"{kind} s{seed}"
+            )
             pred = predict_slices(result.model, volume, device=torch_device).argmax(0)
             scores = _scores(pred, truth, held_out)
-            runs[kind].append({"seed": seed, "dice": scores, "train_seconds": round(result.seconds, 1),
-                               "images_per_s": round(result.images_per_s, 1), "history": result.history})
-            events.emit("message", message=f"{kind} seed {seed}: " + ", ".join(f"Dice {n} {v:.3f}" for n, v in scores.items())
-                        + f" ({result.seconds:.0f} s, {result.images_per_s:.1f} images/s)")
+            runs[kind].append(
+                {
+                    "seed": seed,
+                    "dice": scores,
+                    "train_seconds": round(result.seconds, 1),
+                    "images_per_s": round(result.images_per_s, 1),
+                    "history": result.history,
+                }
+            )
+            events.emit(
+                "message",
+                message=f"{kind} seed {seed}: "
+                + ", ".join(f"Dice {n} {v:.3f}" for n, v in scores.items())
+                + f" ({result.seconds:.0f} s, {result.images_per_s:.1f} images/s)",
+            )
             if kind == "pretrained" and seed == 0:
-                main_model, main_pred, main_history = result.model, pred, result.history
+                main_model, main_pred = result.model, pred
 
     metrics: dict[str, Any] = {
         "case": "LiTS 117 (liver-ct-segmentation-package 1.6.0), 128x128x128 crop",
@@ -131,9 +146,16 @@ def run_demo(
     middle = held_out[len(held_out) // 2]
     shown = sorted({held_out[len(held_out) // 6], middle, held_out[5 * len(held_out) // 6]})
     curves = {f"{kind} s{r['seed']}": r["history"] for kind, rs in runs.items() for r in rs}
-    training_figure(out / "demo.png", curves, image=volume, truth=truth, pred=main_pred, slices=shown, labelled=labelled)
-    save_package(out / "model", main_model, cfg, metrics={"dice_held_out": metrics["dice_held_out"]},
-                 extra={"training_data_note": "LiTS case 117, labelled slices " + ", ".join(map(str, labelled))})
+    training_figure(
+        out / "demo.png", curves, image=volume, truth=truth, pred=main_pred, slices=shown, labelled=labelled
+    )
+    save_package(
+        out / "model",
+        main_model,
+        cfg,
+        metrics={"dice_held_out": metrics["dice_held_out"]},
+        extra={"training_data_note": "LiTS case 117, labelled slices " + ", ".join(map(str, labelled))},
+    )
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     events.emit("done", run_dir=str(out), package=str(out / "model"), metrics=metrics)

@@ -196,8 +196,12 @@ def segment_image(
     volume = preprocess(image, package.manifest)
     cfg = package.config
     probs = predict_volume(
-        package.model, volume, spatial_dims=cfg.spatial_dims, patch_size=cfg.preprocessing.patch_size,
-        device=device, events=events,
+        package.model,
+        volume,
+        spatial_dims=cfg.spatial_dims,
+        patch_size=cfg.preprocessing.patch_size,
+        device=device,
+        events=events,
     )
     labels = probs.argmax(axis=0).astype(np.uint8)
     return array_like(labels, image), probs

@@ -94,16 +94,18 @@ def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> 
             result.model, volume, spatial_dims=cfg.spatial_dims, patch_size=cfg.preprocessing.patch_size, device=device
         )
         scores = dice_per_class(probs.argmax(0), labels, classes)
-        per_case.append({"image": case.image.name, "row": case.row, **{cfg.data.label_names[c - 1]: s for c, s in scores.items()}})
+        per_case.append(
+            {"image": case.image.name, "row": case.row, **{cfg.data.label_names[c - 1]: s for c, s in scores.items()}}
+        )
     if per_case:
-        metrics["val_dice"] = {
-            name: float(np.nanmean([p[name] for p in per_case])) for name in cfg.data.label_names
-        }
+        metrics["val_dice"] = {name: float(np.nanmean([p[name] for p in per_case])) for name in cfg.data.label_names}
         metrics["val_cases_dice"] = per_case
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     training_figure(run_dir / "training.png", {"train": result.history})
     package = save_package(
-        run_dir / "model", result.model, cfg,
+        run_dir / "model",
+        result.model,
+        cfg,
         training_files=[p for c in train_cases for p in (c.image, c.label) if p is not None and p.is_file()],
         metrics=metrics,
     )

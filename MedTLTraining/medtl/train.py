@@ -188,8 +188,12 @@ def fit(
         dataset, replacement=True, num_samples=cfg.train.steps_per_epoch * cfg.train.batch_size, generator=generator
     )
     loader = DataLoader(
-        dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=0,
-        pin_memory=device.type == "cuda", drop_last=True,
+        dataset,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=0,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
     )
 
     events.emit("start", run_dir=str(run_dir), total_steps=total_steps, device=str(device), label=label)
@@ -205,7 +209,9 @@ def fit(
         if model.encoder is not None and trainable == model.encoder_frozen:
             set_encoder_trainable(model, trainable)
             if epoch > 0 or not trainable:
-                events.emit("phase", name="fine-tune (encoder unfrozen)" if trainable else "feature extraction (encoder frozen)")
+                events.emit(
+                    "phase", name="fine-tune (encoder unfrozen)" if trainable else "feature extraction (encoder frozen)"
+                )
         model.train()
         losses = []
         for batch in loader:
@@ -225,8 +231,14 @@ def fit(
             elapsed = time.perf_counter() - t0
             eta = elapsed / steps_done * (total_steps - global_step)
             events.emit(
-                "step", epoch=epoch + 1, epochs=cfg.train.epochs, step=global_step, total_steps=total_steps,
-                loss=losses[-1], eta_s=round(eta, 1), label=label,
+                "step",
+                epoch=epoch + 1,
+                epochs=cfg.train.epochs,
+                step=global_step,
+                total_steps=total_steps,
+                loss=losses[-1],
+                eta_s=round(eta, 1),
+                label=label,
             )
         record = {
             "epoch": epoch + 1,
@@ -238,14 +250,24 @@ def fit(
         history.append(record)
         with atomic_path(ckpt_path) as tmp:
             torch.save(
-                {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "history": history},
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                },
                 tmp,
             )
         elapsed = time.perf_counter() - t0
         events.emit(
-            "epoch", epoch=epoch + 1, epochs=cfg.train.epochs, step=(epoch + 1) * cfg.train.steps_per_epoch,
-            total_steps=total_steps, loss=record["loss"], lr=record["lr"],
+            "epoch",
+            epoch=epoch + 1,
+            epochs=cfg.train.epochs,
+            step=(epoch + 1) * cfg.train.steps_per_epoch,
+            total_steps=total_steps,
+            loss=record["loss"],
+            lr=record["lr"],
             eta_s=round(elapsed / max(1, steps_done) * (total_steps - (epoch + 1) * cfg.train.steps_per_epoch), 1),
             label=label,
         )

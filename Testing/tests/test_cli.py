@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import REPO, synthetic_case, tiny_config
-
 from medtl.data.io import read_segment_names
 
 
@@ -47,8 +46,18 @@ def test_predict_keeps_geometry_and_segment_names(trained_run, tmp_path):
     image, truth = synthetic_case(7)
     sitk.WriteImage(image, str(tmp_path / "new.nii.gz"))
     out = tmp_path / "pred.seg.nrrd"
-    medtl("predict", "--model", str(trained_run / "model"), "--image", str(tmp_path / "new.nii.gz"),
-          "--out", str(out), "--probabilities", str(tmp_path / "prob.nrrd"), "--quiet")
+    medtl(
+        "predict",
+        "--model",
+        str(trained_run / "model"),
+        "--image",
+        str(tmp_path / "new.nii.gz"),
+        "--out",
+        str(out),
+        "--probabilities",
+        str(tmp_path / "prob.nrrd"),
+        "--quiet",
+    )
     pred = sitk.ReadImage(str(out))
     assert pred.GetSize() == image.GetSize()
     np.testing.assert_allclose(pred.GetSpacing(), image.GetSpacing(), atol=1e-6)
@@ -66,8 +75,17 @@ def test_predict_keeps_geometry_and_segment_names(trained_run, tmp_path):
 def test_predict_streams_json_events(trained_run, tmp_path):
     image, _ = synthetic_case(8)
     sitk.WriteImage(image, str(tmp_path / "x.nrrd"))
-    proc = medtl("predict", "--model", str(trained_run / "model"), "--image", str(tmp_path / "x.nrrd"),
-                 "--out", str(tmp_path / "y.nrrd"), "--events", "-")
+    proc = medtl(
+        "predict",
+        "--model",
+        str(trained_run / "model"),
+        "--image",
+        str(tmp_path / "x.nrrd"),
+        "--out",
+        str(tmp_path / "y.nrrd"),
+        "--events",
+        "-",
+    )
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert events[-1] == {**events[-1], "event": "done", "output": str(tmp_path / "y.nrrd")}
 
@@ -86,8 +104,9 @@ def test_tampered_package_is_refused(trained_run, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0x01
     weights.write_bytes(bytes(data))
-    proc = medtl("predict", "--model", str(pkg), "--image", "whatever.nrrd", "--out", str(tmp_path / "o.nrrd"),
-                 check=False)
+    proc = medtl(
+        "predict", "--model", str(pkg), "--image", "whatever.nrrd", "--out", str(tmp_path / "o.nrrd"), check=False
+    )
     assert proc.returncode == 2
     assert "sha256 does not match" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from medtl.config import RunConfig
 from medtl.data.dataset import load_cases
 from medtl.errors import ConfigError, DataError
@@ -40,10 +39,23 @@ def test_invalid_choice_lists_allowed_values():
         ({"preprocessing": {"patch_size": [64, 64, 64]}}, "preprocessing.patch_size"),
         ({"preprocessing": {"window": [300, -100]}}, "preprocessing.window"),
         ({"model": {"name": "unet_vgg"}}, "model.name"),
-        ({"task": "segmentation_3d", "model": {"name": "unet3d", "pretrained": "imagenet"},
-          "strategy": {"name": "full_finetune"}, "preprocessing": {"patch_size": [32, 32, 32]}}, "model.pretrained"),
-        ({"task": "segmentation_3d", "model": {"name": "unet3d", "pretrained": "none"},
-          "preprocessing": {"patch_size": [32, 32, 32]}}, "strategy.name"),
+        (
+            {
+                "task": "segmentation_3d",
+                "model": {"name": "unet3d", "pretrained": "imagenet"},
+                "strategy": {"name": "full_finetune"},
+                "preprocessing": {"patch_size": [32, 32, 32]},
+            },
+            "model.pretrained",
+        ),
+        (
+            {
+                "task": "segmentation_3d",
+                "model": {"name": "unet3d", "pretrained": "none"},
+                "preprocessing": {"patch_size": [32, 32, 32]},
+            },
+            "strategy.name",
+        ),
         ({"task": "segmentation_3d", "preprocessing": {"patch_size": [32, 32, 32]}}, "model.name"),
     ],
 )

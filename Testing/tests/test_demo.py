@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import SimpleITK as sitk
-
 from medtl.data.io import read_segment_names
 from medtl.data.lits_demo import load_demo_case
 from medtl.data.slices import spread_slices

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import oblique_direction, synthetic_case
-
 from medtl.data.io import atomic_path, read_image, read_segment_names, write_image, write_segmentation
 from medtl.errors import DataError
 

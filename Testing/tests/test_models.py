@@ -3,7 +3,6 @@ import shutil
 import pytest
 import torch
 import torchvision
-
 from medtl.errors import WeightsError
 from medtl.models.registry import MODELS, build_model
 from medtl.models.weights import hub_checkpoint_path, imagenet_state_dict, load_matching

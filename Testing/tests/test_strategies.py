@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-
 from medtl.config import RunConfig, StrategyConfig
 from medtl.models.registry import build_model
 from medtl.strategies import encoder_trainable, param_groups, set_encoder_trainable
@@ -20,13 +19,15 @@ def _items(n=4, size=32, seed=0):
 
 
 def _cfg(strategy: str, epochs=2, fe_epochs=1):
-    return RunConfig.from_dict({
-        "model": {"name": "unet_resnet18", "pretrained": "none"},
-        "preprocessing": {"patch_size": [32, 32]},
-        "strategy": {"name": strategy, "feature_extraction_epochs": fe_epochs, "encoder_lr_factor": 0.1},
-        "train": {"epochs": epochs, "steps_per_epoch": 2, "batch_size": 2, "device": "cpu"},
-        "augmentation": "none",
-    })
+    return RunConfig.from_dict(
+        {
+            "model": {"name": "unet_resnet18", "pretrained": "none"},
+            "preprocessing": {"patch_size": [32, 32]},
+            "strategy": {"name": strategy, "feature_extraction_epochs": fe_epochs, "encoder_lr_factor": 0.1},
+            "train": {"epochs": epochs, "steps_per_epoch": 2, "batch_size": 2, "device": "cpu"},
+            "augmentation": "none",
+        }
+    )
 
 
 def test_param_groups_split_encoder_and_decoder_exactly():
@@ -41,8 +42,11 @@ def test_param_groups_split_encoder_and_decoder_exactly():
 
 @pytest.mark.parametrize(
     ("name", "epochs_trainable"),
-    [("feature_extraction", [False, False, False]), ("full_finetune", [True, True, True]),
-     ("feature_extraction_then_finetune", [False, False, True])],
+    [
+        ("feature_extraction", [False, False, False]),
+        ("full_finetune", [True, True, True]),
+        ("feature_extraction_then_finetune", [False, False, True]),
+    ],
 )
 def test_schedule_of_each_strategy(name, epochs_trainable):
     strategy = StrategyConfig(name=name, feature_extraction_epochs=2)
@@ -78,8 +82,9 @@ def test_feature_extraction_changes_nothing_in_the_encoder(tmp_path):
 def test_feature_extraction_then_finetune_unfreezes_on_schedule(tmp_path):
     model = build_model("unet_resnet18", num_classes=2)
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    result = fit(_cfg("feature_extraction_then_finetune", epochs=2, fe_epochs=1), _items(), run_dir=tmp_path,
-                 model=model)
+    result = fit(
+        _cfg("feature_extraction_then_finetune", epochs=2, fe_epochs=1), _items(), run_dir=tmp_path, model=model
+    )
     assert [h["encoder_trainable"] for h in result.history] == [False, True]
     assert any(not torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
     assert all(p.requires_grad for p in model.encoder.parameters())

@@ -1,23 +1,24 @@
 import numpy as np
 import pytest
 import torch
-from test_strategies import _cfg, _items
-
 from medtl.events import EventSink
 from medtl.train import fit, lr_factor
+from test_strategies import _cfg, _items
 
 
 def test_loss_falls_on_a_learnable_task(tmp_path, hub_cache):
     from medtl.config import RunConfig
 
-    cfg = RunConfig.from_dict({
-        "model": {"name": "unet_mobilenet_v2", "pretrained": "imagenet"},
-        "preprocessing": {"patch_size": [32, 32]},
-        "strategy": {"name": "full_finetune"},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "train": {"epochs": 4, "steps_per_epoch": 5, "batch_size": 4, "device": "cpu"},
-        "augmentation": "none",
-    })
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"name": "unet_mobilenet_v2", "pretrained": "imagenet"},
+            "preprocessing": {"patch_size": [32, 32]},
+            "strategy": {"name": "full_finetune"},
+            "optim": {"lr": 3e-3, "warmup_steps": 2},
+            "train": {"epochs": 4, "steps_per_epoch": 5, "batch_size": 4, "device": "cpu"},
+            "augmentation": "none",
+        }
+    )
     result = fit(cfg, _items(6), run_dir=tmp_path)
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < 0.7 * losses[0], losses

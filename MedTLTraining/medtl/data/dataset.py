@@ -9,7 +9,7 @@ Example:
     >>> d = pathlib.Path(tempfile.mkdtemp()); (d / "a.nrrd").write_bytes(b"")
     0
     >>> _ = (d / "set.csv").write_text("image,site\\na.nrrd,A\\n")
-    >>> load_cases(d / "set.csv")[0].extra
+    >>> load_cases(d / "set.csv", require_labels=False)[0].extra
     {'site': 'A'}
 """
 

