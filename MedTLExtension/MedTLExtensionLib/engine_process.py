@@ -27,8 +27,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-# The engine package lives beside this module's folder: <extension>/MedTLTraining/medtl.
-ENGINE_DIR = Path(__file__).resolve().parents[2] / "MedTLTraining"
+
+def _engine_dir() -> Path:
+    # Installed extension: medtl/ sits beside MedTLExtensionLib/ in qt-scripted-modules.
+    # Source tree: <repo>/MedTLTraining/medtl.
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (here, here.parent / "MedTLTraining"):
+        if (candidate / "medtl" / "__init__.py").is_file():
+            return candidate
+    return here
+
+
+ENGINE_DIR = _engine_dir()
 
 
 @runtime_checkable
