@@ -5,7 +5,6 @@ and runs ``python -m medtl train CONFIG`` as a separate process; the engine itse
 this file in ``medtl/`` and is never imported into Slicer's process.
 """
 
-import csv
 import json
 import logging
 import os
@@ -485,28 +484,14 @@ def describeDataset(trainingCsv: Path) -> tuple[list[str], str]:
     """
     import SimpleITK as sitk  # bundled with Slicer; only needed when a run is configured
 
-    with open(trainingCsv, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.DictReader(handle))
-    labelled = [row for row in rows if (row.get("label") or "").strip() and (row.get("image") or "").strip()]
-    if not labelled:
-        raise ValueError(
-            _("{path}: needs 'image' and 'label' columns and at least one labelled row.").format(path=trainingCsv)
-        )
-    row = labelled[0]
-    imagePath = trainingCsv.parent / row["image"].strip()
-    labelPath = trainingCsv.parent / row["label"].strip()
+    # The engine's own dataset and header readers (SimpleITK only, no torch): one set of rules
+    # and error messages for the CSV, here and in the engine.
+    from medtl.data.dataset import load_cases
+    from medtl.data.io import read_segment_names
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(labelPath))
-    reader.ReadImageInformation()
-    keys = set(reader.GetMetaDataKeys())
-    names: dict[int, str] = {}
-    index = 0
-    while f"Segment{index}_Name" in keys:
-        valueKey = f"Segment{index}_LabelValue"
-        value = int(reader.GetMetaData(valueKey)) if valueKey in keys else index + 1
-        names[value] = reader.GetMetaData(f"Segment{index}_Name")
-        index += 1
+    case = load_cases(trainingCsv)[0]
+    imagePath, labelPath = case.image, case.label
+    names = read_segment_names(labelPath)
     if not names:
         maxValue = int(_intensityRange(sitk, labelPath)[1])
         names = {value: f"label {value}" for value in range(1, max(1, maxValue) + 1)}
