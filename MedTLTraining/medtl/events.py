@@ -89,16 +89,21 @@ def parse_line(line: str) -> dict[str, Any] | None:
 
 
 class TerminalProgress:
-    """Renders ``epoch`` events as a one-line progress bar with loss and ETA on a terminal."""
+    """Renders progress as a one-line bar with loss and ETA.
 
-    def __init__(self, stream: IO[str] = sys.stderr, width: int = 30) -> None:
+    On a terminal the bar is redrawn at every step; in a log file (``live=False``, the default
+    when the stream is not a TTY) one line is written per epoch instead.
+    """
+
+    def __init__(self, stream: IO[str] = sys.stderr, width: int = 30, live: bool | None = None) -> None:
         self.stream = stream
         self.width = width
+        self.live = stream.isatty() if live is None else live
         self._open_line = False
 
     def __call__(self, record: dict[str, Any]) -> None:
         kind = record["event"]
-        if kind in ("epoch", "step") and record.get("total_steps"):
+        if kind == ("step" if self.live else "epoch") and record.get("total_steps"):
             frac = min(1.0, record["step"] / record["total_steps"])
             filled = int(round(frac * self.width))
             bar = "#" * filled + "-" * (self.width - filled)
@@ -109,9 +114,9 @@ class TerminalProgress:
                 f"{record.get('epochs', '?')}  loss {record.get('loss', float('nan')):.4f}"
                 f"  ETA {_fmt_s(eta) if eta is not None else '?':>6}"
             )
-            self.stream.write(text)
+            self.stream.write(text if self.live else text[1:] + "\n")
             self.stream.flush()
-            self._open_line = True
+            self._open_line = self.live
         elif kind in ("phase", "warning", "done", "message"):
             self._end_line()
             text = record.get("message") or record.get("name") or ""
