@@ -107,13 +107,15 @@ class TerminalProgress:
             frac = min(1.0, record["step"] / record["total_steps"])
             filled = int(round(frac * self.width))
             bar = "#" * filled + "-" * (self.width - filled)
-            eta = record.get("eta_s")
-            label = record.get("label", "train")
-            text = (
-                f"\r{label:>12} [{bar}] {100 * frac:5.1f}%  epoch {record.get('epoch', '?')}/"
-                f"{record.get('epochs', '?')}  loss {record.get('loss', float('nan')):.4f}"
-                f"  ETA {_fmt_s(eta) if eta is not None else '?':>6}"
-            )
+            parts = [f"\r{record.get('label', 'train'):>12} [{bar}] {100 * frac:5.1f}%"]
+            # Only what the event carries: prediction progress has no epoch or loss.
+            if "epoch" in record:
+                parts.append(f"epoch {record['epoch']}/{record.get('epochs', '?')}")
+            if "loss" in record:
+                parts.append(f"loss {record['loss']:.4f}")
+            if record.get("eta_s") is not None:
+                parts.append(f"ETA {_fmt_s(record['eta_s']):>6}")
+            text = "  ".join(parts)
             self.stream.write(text if self.live else text[1:] + "\n")
             self.stream.flush()
             self._open_line = self.live

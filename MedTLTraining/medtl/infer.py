@@ -48,9 +48,7 @@ def predict_slices(
         logits = model(chunk)[..., :height, :width]
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
         if events is not None:
-            events.emit(
-                "step", label="predict", step=min(n, start + batch_size), total_steps=n, epoch=1, epochs=1, loss=0.0
-            )
+            events.emit("step", label="predict", step=min(n, start + batch_size), total_steps=n)
     return torch.cat(probs).movedim(1, 0).numpy()
 
 

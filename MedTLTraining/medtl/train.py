@@ -46,19 +46,21 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def resolve_device(name: str, events: EventSink | None = None) -> torch.device:
-    """``auto`` picks CUDA when this torch can run on the GPU, else the CPU (with a warning)."""
+    """``auto`` picks CUDA when this torch can run on the GPU, else the CPU.
+
+    Falling back is a visible warning when the user asked for CUDA or a GPU is present but this
+    torch cannot use it; on a machine without a GPU, ``auto`` means the CPU and says nothing.
+    """
     if name == "cpu":
         return torch.device("cpu")
     problem = cuda_problem()
     if problem is None:
         return torch.device("cuda")
-    if name == "cuda" or events is not None:
-        message = f"{problem}; running on the CPU"
-        if name == "cuda":
-            message = "CUDA requested but " + message
-        if events is not None and name == "cuda":
+    if name == "cuda" or torch.cuda.is_available():
+        message = f"{'CUDA requested but ' if name == 'cuda' else ''}{problem}; running on the CPU"
+        log.warning(message)
+        if events is not None:
             events.emit("warning", message=message)
-        log.info(message)
     return torch.device("cpu")
 
 
