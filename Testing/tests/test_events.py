@@ -41,3 +41,11 @@ def test_progress_in_a_log_file_is_one_line_per_epoch():
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and "\r" not in out.getvalue()
     assert "epoch 1/2" in lines[0] and "100.0%" in lines[1]
+
+
+def test_progress_shows_only_the_fields_an_event_has():
+    out = io.StringIO()
+    TerminalProgress(out, live=True)({"event": "step", "label": "predict", "step": 3, "total_steps": 6})
+    text = out.getvalue()
+    assert "50.0%" in text and "predict" in text
+    assert "loss" not in text and "epoch" not in text and "ETA" not in text
