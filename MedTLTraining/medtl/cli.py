@@ -2,7 +2,8 @@
 
     medtl demo [--out DIR] [--slices K] [--compare-scratch] [--device auto|cpu|cuda]
     medtl train CONFIG [--resume]
-    medtl predict --model PKG --image IMG --out SEG [--probabilities PROB]
+    medtl predict --model PKG --image IMG --out SEG [--probabilities PROB] [--uncertainty UNC]
+    medtl device [--device auto|cpu|cuda]
     medtl info PKG
     medtl models
     medtl weights seed|check
@@ -66,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model package directory")
     p.add_argument("--image", required=True, help="image file or DICOM directory")
     p.add_argument("--out", required=True, help="output segmentation (.seg.nrrd, .nrrd, .nii.gz ...)")
-    p.add_argument("--probabilities", help="also write the foreground probability volume here")
+    p.add_argument("--probabilities", help="also write the foreground probability volume (0..1) here")
+    p.add_argument("--uncertainty", help="also write the normalised entropy of the class probabilities (0..1) here")
     _add_common(p)
+
+    p = sub.add_parser("device", help="say where a run would compute, and why not on the GPU (JSON)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
     p = sub.add_parser("info", help="describe a model package")
     p.add_argument("package")
@@ -151,6 +156,12 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         print(describe(args.package))
         return 0
 
+    if args.command == "device":
+        from medtl.train import device_report
+
+        print(json.dumps(device_report(args.device)))
+        return 0
+
     if args.command == "models":
         from medtl.models.registry import MODELS
 
@@ -182,6 +193,7 @@ def _predict(args: argparse.Namespace, events: EventSink) -> int:
     import numpy as np
 
     from medtl.data.io import array_like, read_image, write_image, write_segmentation
+    from medtl.infer import normalised_entropy
     from medtl.package import load_package, segment_image
     from medtl.train import resolve_device
 
@@ -198,6 +210,8 @@ def _predict(args: argparse.Namespace, events: EventSink) -> int:
         write_image(labels, out)
     if args.probabilities:
         write_image(array_like((1.0 - probs[0]).astype(np.float32), image), args.probabilities)
+    if args.uncertainty:
+        write_image(array_like(normalised_entropy(probs), image), args.uncertainty)
     events.emit("done", output=str(out))
     if args.events != "-":
         print(f"segmentation written to {out}")

@@ -40,12 +40,15 @@ class DataConfig:
         val_fraction: share of the cases (3D) or labelled slices (2D) held out for validation.
         labelled_slices: for 2D tasks, train only on slices holding labels (painted slices);
             the others are unknown, not background.
+        group_column: a CSV column (``site``, ``patient`` ...) whose values never sit on both
+            sides of the validation split; empty to split case by case.
     """
 
     csv: str = ""
     label_names: list[str] = field(default_factory=lambda: ["foreground"])
     val_fraction: float = 0.0
     labelled_slices: bool = True
+    group_column: str = ""
 
 
 @dataclass

@@ -83,3 +83,9 @@ def predict_volume(
     if spatial_dims == 2:
         return predict_slices(model, volume, device=device, events=events)
     return predict_sliding_window(model, volume, roi_size=patch_size, device=device)
+
+
+def normalised_entropy(probs: np.ndarray) -> np.ndarray:
+    """Per-voxel entropy of class probabilities (C, ...) divided by log(C): 0 = certain, 1 = uniform."""
+    p = np.clip(probs.astype(np.float32), 1e-7, 1.0)
+    return (-(p * np.log(p)).sum(axis=0) / np.log(probs.shape[0])).astype(np.float32)

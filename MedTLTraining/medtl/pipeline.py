@@ -7,11 +7,13 @@ A run directory holds ``config.json``, ``checkpoint.pt`` (resumable), ``events.j
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from medtl.config import RunConfig
 from medtl.data.dataset import Case, load_cases
@@ -55,19 +57,67 @@ def training_items(cases: list[Case], cfg: RunConfig) -> list[dict]:
     return items
 
 
-def split_cases(cases: list[Case], fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+def split_cases(cases: list[Case], fraction: float, seed: int, group_column: str = "") -> tuple[list[Case], list[Case]]:
+    """Held-out validation cases; with ``group_column``, whole groups (sites, patients) are held out."""
     if fraction <= 0 or len(cases) < 2:
         return cases, []
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = max(1, int(round(fraction * len(cases))))
-    val = [cases[i] for i in sorted(order[:n_val])]
-    train = [cases[i] for i in sorted(order[n_val:])]
+    if group_column:
+        missing = [c.row for c in cases if not c.extra.get(group_column)]
+        if missing:
+            raise DataError(f"data.group_column '{group_column}': no value in CSV row(s) {missing[:5]}")
+        groups = sorted({c.extra[group_column] for c in cases})
+    else:
+        groups = [str(i) for i in range(len(cases))]
+    if len(groups) < 2:
+        raise DataError(f"data.group_column '{group_column}': a validation split needs at least two groups")
+    order = np.random.default_rng(seed).permutation(len(groups))
+    n_val = min(len(groups) - 1, max(1, int(round(fraction * len(groups)))))
+    held_out = {groups[i] for i in order[:n_val]}
+
+    def key(index: int, case: Case) -> str:
+        return case.extra[group_column] if group_column else str(index)
+
+    val = [c for i, c in enumerate(cases) if key(i, c) in held_out]
+    train = [c for i, c in enumerate(cases) if key(i, c) not in held_out]
     return train, val
 
 
-def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> dict[str, Any]:
-    """Trains from ``cfg.data.csv`` into ``cfg.output_dir``; returns the metrics it wrote."""
+def validation_scorer(
+    val_cases: list[Case], cfg: RunConfig, device
+) -> tuple[Callable[[torch.nn.Module], dict[str, float]], list[dict]]:
+    """A function scoring a network on the held-out cases (mean Dice per label name), and the
+    per-case scores of its last call. The cases are read once."""
     from medtl.infer import predict_volume
+
+    loaded = [(case, *load_case_arrays(case, cfg)[1:]) for case in val_cases]
+    classes = list(range(1, cfg.num_classes))
+    last: list[dict] = []
+
+    def score(model) -> dict[str, float]:
+        last.clear()
+        for case, volume, labels in loaded:
+            probs = predict_volume(
+                model, volume, spatial_dims=cfg.spatial_dims, patch_size=cfg.preprocessing.patch_size, device=device
+            )
+            scores = dice_per_class(probs.argmax(0), labels, classes)
+            last.append(
+                {
+                    "image": case.image.name,
+                    "row": case.row,
+                    **{cfg.data.label_names[c - 1]: s for c, s in scores.items()},
+                }
+            )
+        return {name: float(np.nanmean([p[name] for p in last])) for name in cfg.data.label_names}
+
+    return score, last
+
+
+def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> dict[str, Any]:
+    """Trains from ``cfg.data.csv`` into ``cfg.output_dir``; returns the metrics it wrote.
+
+    With held-out cases, their Dice is computed after every epoch (in the epoch events and the
+    history, for live curves) and reported for the final network.
+    """
     from medtl.report import training_figure
 
     if not cfg.data.csv:
@@ -76,8 +126,13 @@ def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
     cases = load_cases(cfg.data.csv)
-    train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.train.seed)
-    result = fit(cfg, training_items(train_cases, cfg), run_dir=run_dir, events=events, resume=resume)
+    train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.train.seed, cfg.data.group_column)
+    device = resolve_device(cfg.train.device)
+    score, per_case = validation_scorer(val_cases, cfg, device) if val_cases else (None, [])
+    result = fit(cfg, training_items(train_cases, cfg), run_dir=run_dir, events=events, resume=resume, validate=score)
+    report = getattr(result.model, "load_report", None)
+    if report is not None and not resume:
+        events.emit("message", message=f"initial weights from {cfg.model.pretrained}: {report.summary()}")
 
     metrics: dict[str, Any] = {
         "train_cases": len(train_cases),
@@ -85,21 +140,10 @@ def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> 
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "seconds": round(result.seconds, 1),
     }
-    device = resolve_device(cfg.train.device)
-    classes = list(range(1, cfg.num_classes))
-    per_case = []
-    for case in val_cases:
-        _, volume, labels = load_case_arrays(case, cfg)
-        probs = predict_volume(
-            result.model, volume, spatial_dims=cfg.spatial_dims, patch_size=cfg.preprocessing.patch_size, device=device
-        )
-        scores = dice_per_class(probs.argmax(0), labels, classes)
-        per_case.append(
-            {"image": case.image.name, "row": case.row, **{cfg.data.label_names[c - 1]: s for c, s in scores.items()}}
-        )
-    if per_case:
-        metrics["val_dice"] = {name: float(np.nanmean([p[name] for p in per_case])) for name in cfg.data.label_names}
-        metrics["val_cases_dice"] = per_case
+    if score is not None:
+        # A resumed run that had nothing left to train has not scored this network yet.
+        metrics["val_dice"] = result.history[-1]["val_dice"] if per_case else score(result.model)
+        metrics["val_cases_dice"] = list(per_case)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     training_figure(run_dir / "training.png", {"train": result.history})
     package = save_package(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,17 +51,12 @@ def resolve_device(name: str, events: EventSink | None = None) -> torch.device:
     Falling back is a visible warning when the user asked for CUDA or a GPU is present but this
     torch cannot use it; on a machine without a GPU, ``auto`` means the CPU and says nothing.
     """
-    if name == "cpu":
-        return torch.device("cpu")
-    problem = cuda_problem()
-    if problem is None:
-        return torch.device("cuda")
-    if name == "cuda" or torch.cuda.is_available():
-        message = f"{'CUDA requested but ' if name == 'cuda' else ''}{problem}; running on the CPU"
-        log.warning(message)
+    report = device_report(name)
+    if report["warning"]:
+        log.warning(report["warning"])
         if events is not None:
-            events.emit("warning", message=message)
-    return torch.device("cpu")
+            events.emit("warning", message=report["warning"])
+    return torch.device(report["device"])
 
 
 def cuda_problem() -> str | None:
@@ -77,6 +72,31 @@ def cuda_problem() -> str | None:
             "install a torch build for this GPU (in Slicer: the PyTorch extension's PyTorchUtils)"
         )
     return None
+
+
+def device_report(name: str = "auto") -> dict[str, Any]:
+    """Where a run asked to compute on ``name`` would compute, and the GPU facts behind it.
+
+    ``warning`` is the visible message of :func:`resolve_device` (None when there is nothing to
+    say); the Slicer modules show it before a run starts.
+    """
+    problem = None if name == "cpu" else cuda_problem()
+    device = "cpu" if name == "cpu" or problem is not None else "cuda"
+    warning = None
+    if device == "cpu" and name != "cpu" and (name == "cuda" or torch.cuda.is_available()):
+        warning = f"{'CUDA requested but ' if name == 'cuda' else ''}{problem}; running on the CPU"
+    report: dict[str, Any] = {
+        "requested": name,
+        "device": device,
+        "warning": warning,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "built_archs": torch.cuda.get_arch_list() if torch.cuda.is_available() else [],
+    }
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        report.update(gpu=torch.cuda.get_device_name(0), capability=f"sm_{major}{minor}")
+    return report
 
 
 def make_loss(name: str) -> torch.nn.Module:
@@ -132,6 +152,7 @@ def fit(
     resume: bool = False,
     model: SegmentationNet | None = None,
     label: str = "train",
+    validate: Callable[[SegmentationNet], dict[str, float]] | None = None,
 ) -> FitResult:
     """Trains a network on in-memory samples.
 
@@ -144,6 +165,9 @@ def fit(
         resume: continue from ``run_dir/checkpoint.pt`` if present.
         model: start from this network (e.g. the last round's) instead of building one.
         label: names the run in progress events (e.g. ``"pretrained seed 1"``).
+        validate: called with the network (in eval mode) after every epoch; its scores (for
+            example Dice per class on held-out cases) go into the history and the epoch event,
+            which is what live validation curves are drawn from.
     """
     if not items:
         raise ValueError("no training samples")
@@ -249,6 +273,9 @@ def fit(
             "encoder_trainable": trainable,
             "seconds": round(time.perf_counter() - t0, 2),
         }
+        if validate is not None:
+            model.eval()
+            record["val_dice"] = validate(model)
         history.append(record)
         with atomic_path(ckpt_path) as tmp:
             torch.save(
@@ -272,6 +299,7 @@ def fit(
             lr=record["lr"],
             eta_s=round(elapsed / max(1, steps_done) * (total_steps - (epoch + 1) * cfg.train.steps_per_epoch), 1),
             label=label,
+            **({"val_dice": record["val_dice"]} if "val_dice" in record else {}),
         )
         events.emit("checkpoint", path=str(ckpt_path), epoch=epoch + 1)
     seconds = time.perf_counter() - t0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import REPO, synthetic_case, tiny_config
 from medtl.data.io import read_segment_names
+from medtl.errors import DataError, WeightsError
 
 
 def medtl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -142,3 +145,57 @@ def test_interrupted_cli_run_resumes(tmp_path, synthetic_dataset, hub_cache):
     assert not [e for e in events if e["event"] == "epoch"]
     assert any(e["event"] == "message" and "resuming from epoch 2" in e["message"] for e in events)
     assert events[-1]["event"] == "done"
+
+
+def test_a_package_is_a_starting_point_for_the_next_run(trained_run, tmp_path):
+    from medtl.models.weights import read_state_dict
+    from safetensors.torch import load_file
+
+    package = trained_run / "model"
+    state = read_state_dict(package)
+    reference = load_file(str(package / "model.safetensors"))
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in state)
+    tampered = tmp_path / "pkg"
+    shutil.copytree(package, tampered)
+    manifest = json.loads((tampered / "medtl_package.json").read_text())
+    manifest["files"]["model.safetensors"] = "0" * 64
+    (tampered / "medtl_package.json").write_text(json.dumps(manifest))
+    with pytest.raises(WeightsError, match="sha256 does not match"):
+        read_state_dict(tampered)
+
+
+def test_uncertainty_is_normalised_entropy():
+    from medtl.infer import normalised_entropy
+
+    probs = np.array([[1.0, 0.5, 1 / 3], [0.0, 0.5, 1 / 3], [0.0, 0.0, 1 / 3]], dtype=np.float32)
+    np.testing.assert_allclose(normalised_entropy(probs), [0.0, np.log(2) / np.log(3), 1.0], atol=1e-5)
+
+
+def test_device_report_says_why_not_the_gpu():
+    from medtl.train import device_report
+
+    out = subprocess.run(
+        [sys.executable, "-m", "medtl", "device", "--device", "cuda"], capture_output=True, text=True, timeout=120
+    )
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert report == device_report("cuda")
+    assert device_report("cpu")["device"] == "cpu" and device_report("cpu")["warning"] is None
+    if torch.cuda.is_available():
+        assert report["capability"].startswith("sm_") and report["gpu"]
+    else:
+        assert report["device"] == "cpu" and "no CUDA GPU" in report["warning"]
+        assert device_report("auto")["warning"] is None, "no GPU at all: auto means the CPU, silently"
+
+
+def test_grouped_split_never_puts_a_site_on_both_sides(tmp_path):
+    from medtl.data.dataset import Case
+    from medtl.pipeline import split_cases
+
+    cases = [Case(image=tmp_path / f"{i}", label=None, row=i + 2, extra={"site": "ABCD"[i % 4]}) for i in range(12)]
+    for seed in range(5):
+        train, val = split_cases(cases, 0.25, seed, "site")
+        assert {c.extra["site"] for c in train}.isdisjoint({c.extra["site"] for c in val})
+        assert len(val) == 3 and len(train) == 9
+    with pytest.raises(DataError, match="no value in CSV row"):
+        split_cases(cases, 0.25, 0, "scanner")

@@ -131,8 +131,18 @@ class LoadReport:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Reads a state dict from safetensors or a ``weights_only``-safe torch file (or checkpoint)."""
+    """Reads a state dict from safetensors, a ``weights_only``-safe torch file (or checkpoint), or a
+    MedTL model package directory (its weights, after the package's sha256 check)."""
     path = Path(path)
+    if path.is_dir():
+        from medtl.package import MANIFEST, WEIGHTS, read_manifest
+
+        if not (path / MANIFEST).is_file():
+            raise WeightsError(f"{path} is a folder but not a MedTL model package (no {MANIFEST})")
+        expected = read_manifest(path).get("files", {}).get(WEIGHTS)
+        if expected is None or sha256_file(path / WEIGHTS) != expected:
+            raise WeightsError(f"{path / WEIGHTS}: sha256 does not match the package manifest; refusing to load it")
+        path = path / WEIGHTS
     if not path.is_file():
         raise WeightsError(f"weight file not found: {path}")
     if path.suffix == ".safetensors":
