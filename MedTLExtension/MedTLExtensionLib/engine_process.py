@@ -151,3 +151,103 @@ class EngineProcess:
         for reader in self._readers:
             reader.join(timeout)
         return code
+
+
+def start_engine(args: Sequence[str]) -> EngineProcess:
+    """Starts ``medtl <args>`` with the interpreter that sees Slicer's Python packages.
+
+    Inside Slicer that is ``PythonSlicer``; elsewhere (tests, scripts) the current interpreter.
+    """
+    import shutil
+
+    return EngineProcess(list(args), python=shutil.which("PythonSlicer") or sys.executable)
+
+
+class EngineJob:
+    """One engine run seen as a job: collects its events, the model package it reports, and
+    turns a failure into one readable message.
+
+    Args:
+        process: the running engine.
+        what: what the run does, for messages ("Training", "Prediction").
+    """
+
+    def __init__(self, process: EngineRun, what: str = "The MedTL engine") -> None:
+        self.process = process
+        self.what = what
+        self.cancelled = False
+        self.error: str | None = None
+        self.done: dict[str, Any] | None = None
+        self.finished = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.process.cancel()
+
+    def poll(self) -> list[dict[str, Any]]:
+        """New events; sets :attr:`finished` once the process has ended and all its output is read.
+
+        Raises:
+            RuntimeError: when the process ended with an error (and was not cancelled), with the
+                engine's own message where it gave one.
+        """
+        # Read the exit status first: events written just before the exit are then in this poll.
+        code = self.process.returncode
+        events = self.process.poll()
+        for event in events:
+            if event.get("event") == "error":
+                self.error = event.get("message")
+            elif event.get("event") == "done":
+                self.done = event
+        if code is None:
+            return events
+        self.finished = True
+        if code != 0 and not self.cancelled:
+            message = self.error or getattr(self.process, "error_message", None)
+            if not message:
+                lines = [line for line in self.log.splitlines() if line.strip()]
+                message = f"{self.what} stopped with exit status {code}" + (f": {lines[-1]}" if lines else "")
+            raise RuntimeError(message)
+        return events
+
+    @property
+    def log(self) -> str:
+        return getattr(self.process, "log", "")
+
+
+def describe_event(event: dict[str, Any]) -> tuple[int | None, str]:
+    """Progress (0-100, or None to leave it) and a status line for one engine event."""
+    kind = event.get("event")
+    if kind in ("epoch", "step"):
+        total = event.get("total_steps") or 0
+        progress = int(100 * event.get("step", 0) / total) if total else None
+        if event.get("label") == "predict":
+            return progress, "Segmenting the volume..."
+        text = f"Training: epoch {event.get('epoch', '?')}/{event.get('epochs', '?')}"
+        if "loss" in event:
+            text += f", loss {float(event['loss']):.3f}"
+        dice = event.get("val_dice")
+        if dice:
+            text += ", validation Dice " + ", ".join(f"{name} {value:.3f}" for name, value in dice.items())
+        return progress, text + remaining_text(event.get("eta_s"))
+    if kind == "start":
+        return 0, f"Training on {event.get('device', '?')}..."
+    if kind == "phase":
+        return None, f"Training: {event.get('name', '')}"
+    if kind == "warning":
+        return None, f"Warning: {event.get('message', '')}"
+    if kind == "message":
+        return None, str(event.get("message", ""))
+    if kind == "checkpoint":
+        return None, ""
+    if kind == "error":
+        return None, f"Error: {event.get('message', '')}"
+    return None, ""
+
+
+def remaining_text(eta_seconds: float | None) -> str:
+    if not eta_seconds or eta_seconds <= 0:
+        return ""
+    if eta_seconds < 60:
+        return ", less than a minute left"
+    return f", about {round(eta_seconds / 60)} min left"

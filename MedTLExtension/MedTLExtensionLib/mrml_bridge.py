@@ -39,8 +39,11 @@ __all__ = [
     "MAX_LABEL_VALUE",
     "SegmentSpec",
     "array_to_volume",
+    "ijk_to_ras_of",
     "labelmap_to_segmentation",
+    "list_segment_ids",
     "painted_slices",
+    "replace_segment_voxels",
     "segmentation_to_labelmap",
     "volume_to_array",
 ]
@@ -81,7 +84,7 @@ def volume_to_array(volume_node: slicer.vtkMRMLScalarVolumeNode) -> tuple[np.nda
     if volume_node is None or volume_node.GetImageData() is None:
         raise ValueError("volume_node holds no image data")
     array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
-    return array, _ijk_to_ras_of(volume_node)
+    return array, ijk_to_ras_of(volume_node)
 
 
 def array_to_volume(
@@ -220,14 +223,12 @@ def labelmap_to_segmentation(
             extent = [0, labels.shape[2] - 1, 0, labels.shape[1] - 1, 0, labels.shape[0] - 1]
             segmentation.SetConversionParameter(
                 slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
-                slicer.vtkSegmentationConverter.SerializeImageGeometry(
-                    slicer.util.vtkMatrixFromArray(matrix), extent
-                ),
+                slicer.vtkSegmentationConverter.SerializeImageGeometry(slicer.util.vtkMatrixFromArray(matrix), extent),
             )
         segmentation.SetSourceRepresentationName(_binary_labelmap_name())
 
         previous_ids = {}
-        for segment_id in _segment_ids(segmentation):
+        for segment_id in list_segment_ids(segmentation):
             try:
                 value = _tagged_value(segmentation.GetSegment(segment_id))
             except ValueError:
@@ -300,7 +301,7 @@ def segmentation_to_labelmap(
     if segmentations_logic is None:
         raise ValueError("segmentations_logic is required")
     segmentation = segmentation_node.GetSegmentation()
-    existing = _segment_ids(segmentation)
+    existing = list_segment_ids(segmentation)
     if segment_ids is None:
         ids = existing
     else:
@@ -308,8 +309,7 @@ def segmentation_to_labelmap(
         unknown = [segment_id for segment_id in ids if segment_id not in existing]
         if unknown:
             raise ValueError(
-                f"unknown segment IDs {unknown} in segmentation {segmentation_node.GetName()!r}; "
-                f"it has {existing}"
+                f"unknown segment IDs {unknown} in segmentation {segmentation_node.GetName()!r}; it has {existing}"
             )
     exported = _export_values(segmentation, ids)
 
@@ -322,9 +322,7 @@ def segmentation_to_labelmap(
 
     if not segmentation.ContainsRepresentation(_binary_labelmap_name()):
         if not segmentation.CreateRepresentation(_binary_labelmap_name()):
-            raise RuntimeError(
-                f"segmentation {segmentation_node.GetName()!r} cannot be converted to a binary labelmap"
-            )
+            raise RuntimeError(f"segmentation {segmentation_node.GetName()!r} cannot be converted to a binary labelmap")
 
     id_array = vtkStringArray()
     value_array = vtkIntArray()
@@ -345,8 +343,43 @@ def segmentation_to_labelmap(
     )
     if merged.GetPointData().GetScalars() is None:
         raise RuntimeError(f"Slicer could not merge the segments of {segmentation_node.GetName()!r}")
-    _paste_on_reference_grid(merged, labels, _ijk_to_ras_of(reference_volume))
+    _paste_on_reference_grid(merged, labels, ijk_to_ras_of(reference_volume))
     return labels, exported
+
+
+def replace_segment_voxels(
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    segment_id: str,
+    mask: np.ndarray,
+    reference_volume: slicer.vtkMRMLScalarVolumeNode,
+) -> None:
+    """Replace the voxels of one existing segment with a mask on the reference volume's grid.
+
+    The segment keeps its ID, name, colour and tags, and segments sharing its labelmap layer
+    keep their voxels: this is the Segment Editor's own "replace" write.
+
+    Args:
+        segmentation_node: Segmentation holding the segment.
+        segment_id: ID of the segment to overwrite.
+        mask: Boolean (or 0/1) array in KJI order with the reference volume's shape.
+        reference_volume: Volume whose grid ``mask`` is on.
+
+    Raises:
+        ValueError: For an unknown segment, or a mask whose shape is not the volume's.
+    """
+    if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        raise ValueError(f"segmentation {segmentation_node.GetName()!r} has no segment {segment_id!r}")
+    matrix = ijk_to_ras_of(reference_volume)
+    mask = np.asarray(mask)
+    _check_same_grid(reference_volume, mask.shape, matrix)
+    image = _oriented_image((mask != 0).astype(np.uint8), matrix)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image,
+        segmentation_node,
+        segment_id,
+        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
+        image.GetExtent(),
+    )
 
 
 def painted_slices(label_array: np.ndarray, axis: int = 0) -> list[int]:
@@ -383,7 +416,8 @@ def _binary_labelmap_name() -> str:
     return slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
 
 
-def _ijk_to_ras_of(volume_node) -> np.ndarray:
+def ijk_to_ras_of(volume_node) -> np.ndarray:
+    """The node's own 4x4 IJK->RAS matrix as numpy."""
     matrix = vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
     return slicer.util.arrayFromVTKMatrix(matrix)
@@ -434,16 +468,13 @@ def _checked_segments(segments: Sequence[SegmentSpec]) -> list[SegmentSpec]:
         try:
             value, segment_name, color = entry
         except (TypeError, ValueError):
-            raise ValueError(
-                f"segments[{position}] must be (label value, name, (r, g, b)), got {entry!r}"
-            ) from None
+            raise ValueError(f"segments[{position}] must be (label value, name, (r, g, b)), got {entry!r}") from None
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
             raise ValueError(f"segments[{position}]: label value must be an integer, got {value!r}")
         value = int(value)
         if not 1 <= value <= MAX_LABEL_VALUE:
             raise ValueError(
-                f"segments[{position}]: label value {value} is out of range 1..{MAX_LABEL_VALUE}"
-                " (0 is background)"
+                f"segments[{position}]: label value {value} is out of range 1..{MAX_LABEL_VALUE} (0 is background)"
             )
         if value in seen:
             raise ValueError(f"segments[{position}]: label value {value} is listed twice")
@@ -478,7 +509,7 @@ def _check_same_grid(reference_volume, shape: tuple[int, ...], matrix: np.ndarra
             f"label_array shape {tuple(shape)} does not match reference volume "
             f"{reference_volume.GetName()!r} shape {reference_shape} (both K, J, I)"
         )
-    reference_matrix = _ijk_to_ras_of(reference_volume)
+    reference_matrix = ijk_to_ras_of(reference_volume)
     if not np.allclose(reference_matrix, matrix, rtol=1e-6, atol=_GEOMETRY_ATOL):
         raise ValueError(
             f"ijk_to_ras differs from the IJK->RAS matrix of reference volume {reference_volume.GetName()!r}"
@@ -498,7 +529,8 @@ def _oriented_image(labels: np.ndarray, matrix: np.ndarray):
     return image
 
 
-def _segment_ids(segmentation) -> list[str]:
+def list_segment_ids(segmentation) -> list[str]:
+    """Segment IDs of a ``vtkSegmentation``, in order."""
     ids = vtkStringArray()
     segmentation.GetSegmentIDs(ids)
     return [ids.GetValue(index) for index in range(ids.GetNumberOfValues())]
@@ -516,9 +548,7 @@ def _tagged_value(segment) -> int | None:
             f"segment {segment.GetName()!r} has tag {LABEL_VALUE_TAG}={str(text)!r}, not an integer"
         ) from None
     if not 1 <= value <= MAX_LABEL_VALUE:
-        raise ValueError(
-            f"segment {segment.GetName()!r} has label value {value}, out of range 1..{MAX_LABEL_VALUE}"
-        )
+        raise ValueError(f"segment {segment.GetName()!r} has label value {value}, out of range 1..{MAX_LABEL_VALUE}")
     return value
 
 
@@ -530,9 +560,7 @@ def _export_values(segmentation, ids: list[str]) -> list[SegmentSpec]:
         if value is None:
             continue
         if value in owner:
-            raise ValueError(
-                f"segments {owner[value]!r} and {segment.GetName()!r} both have label value {value}"
-            )
+            raise ValueError(f"segments {owner[value]!r} and {segment.GetName()!r} both have label value {value}")
         owner[value] = segment.GetName()
 
     exported: list[SegmentSpec] = []
@@ -559,9 +587,7 @@ def _paste_on_reference_grid(merged, labels: np.ndarray, reference_matrix: np.nd
     """
     merged_matrix = vtkMatrix4x4()
     merged.GetImageToWorldMatrix(merged_matrix)
-    if not np.allclose(
-        slicer.util.arrayFromVTKMatrix(merged_matrix), reference_matrix, rtol=1e-6, atol=_GEOMETRY_ATOL
-    ):
+    if not np.allclose(slicer.util.arrayFromVTKMatrix(merged_matrix), reference_matrix, rtol=1e-6, atol=_GEOMETRY_ATOL):
         raise RuntimeError("Slicer exported the segments on a grid other than the reference volume's")
     i0, i1, j0, j1, k0, k1 = merged.GetExtent()
     values = numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars())

@@ -1,0 +1,570 @@
+"""Semi-automatic segmentation: learn from a few painted slices, review, correct, learn again.
+
+One :class:`SliceLearner` serves the MedTL module. A round goes:
+
+1. :meth:`SliceLearner.start_learning` exports the volume and the labelled slices (the slices the
+   user painted, plus the slices they corrected in the last prediction) and starts
+   ``medtl train`` as a separate process. Unlabelled slices are unknown, not background.
+2. :meth:`SliceLearner.poll` (from a timer) forwards the engine's events; when training is done
+   it starts ``medtl predict`` with the new model package, and when that is done it imports the
+   prediction into a segmentation node of its own. The user's segmentation is only read.
+3. The user reviews the prediction and corrects it in the Segment Editor, then either
+   :meth:`~SliceLearner.accept` (merged into their segmentation), :meth:`~SliceLearner.reject`,
+   or learns again: the corrected slices become labelled slices and training starts from the
+   last round's model.
+
+:meth:`SliceLearner.start_apply` segments a volume with any model package, optionally with a
+probability and an uncertainty volume for overlays.
+
+Needs MRML, not Qt: the scene, the segmentations logic and the engine starter are passed in, so
+it runs in Slicer and headless on ``slicer-core`` alike.
+
+Example:
+    >>> learner = SliceLearner(scene, segmentations_logic, work_root=Path("~/MedTL").expanduser())
+    >>> learner.start_learning(volume, painted, LearningOptions(epochs=10, device="cpu"))
+    >>> prediction = learner.run_to_completion()
+    >>> learner.accept()  # or correct a few slices of ``prediction`` and learn again
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import slicer
+
+from MedTLExtensionLib import mrml_bridge, volume_files
+from MedTLExtensionLib.engine_process import EngineJob, EngineRun, start_engine
+
+__all__ = ["LearningOptions", "SliceLearner", "display_window", "learning_config", "package_segments"]
+
+PACKAGE_MANIFEST = "medtl_package.json"
+
+EngineFactory = Callable[[Sequence[str]], EngineRun]
+
+
+@dataclass
+class LearningOptions:
+    """What one round of learning uses. The defaults are the first run with no choice made.
+
+    ``pretrained`` applies to the first round; later rounds start from the last round's model.
+    """
+
+    epochs: int = 20
+    device: str = "auto"
+    network: str = "unet_mobilenet_v2"
+    pretrained: str = "imagenet"
+    steps_per_epoch: int = 20
+    batch_size: int = 8
+
+
+@dataclass
+class _Review:
+    """A prediction under review and what is needed to learn from its corrections."""
+
+    node: slicer.vtkMRMLSegmentationNode
+    volume: slicer.vtkMRMLScalarVolumeNode
+    source: slicer.vtkMRMLSegmentationNode
+    names: list[str]  # class i + 1 is names[i]; the node's segments carry i + 1 as their tag
+    as_imported: np.ndarray  # the node's labels as MedTL wrote them, to find the user's corrections
+    corrected: set[int] = field(default_factory=set)  # slices corrected in earlier rounds
+
+
+@dataclass
+class _Job:
+    kind: str  # "learn" or "apply"
+    stage: str  # "train" or "predict"
+    engine: EngineJob
+    volume: slicer.vtkMRMLScalarVolumeNode
+    run_dir: Path
+    inputs_dir: Path
+    image_path: Path
+    device: str
+    segments: list[mrml_bridge.SegmentSpec]
+    output_name: str
+    source: slicer.vtkMRMLSegmentationNode | None = None
+    corrected: set[int] = field(default_factory=set)
+    probabilities: bool = False
+    uncertainty: bool = False
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+class SliceLearner:
+    """Learn-from-slices rounds and model-package application, one job at a time.
+
+    Args:
+        scene: the MRML scene (``slicer.mrmlScene`` in Slicer).
+        segmentations_logic: the Segmentations module logic.
+        work_root: where run directories go; a learning run keeps its model package there.
+        engine_factory: starts ``medtl <args>``; tests may pass another :class:`EngineRun` maker.
+    """
+
+    def __init__(
+        self,
+        scene: slicer.vtkMRMLScene,
+        segmentations_logic,
+        *,
+        work_root: str | Path,
+        engine_factory: EngineFactory = start_engine,
+    ) -> None:
+        self.scene = scene
+        self.segmentations_logic = segmentations_logic
+        self.work_root = Path(work_root)
+        self.engine_factory = engine_factory
+        self._job: _Job | None = None
+        self._review: _Review | None = None
+        self.rounds = 0
+        self.last_package: Path | None = None
+        self.result_segmentation: slicer.vtkMRMLSegmentationNode | None = None
+        self.probability_volume: slicer.vtkMRMLScalarVolumeNode | None = None
+        self.uncertainty_volume: slicer.vtkMRMLScalarVolumeNode | None = None
+        self.last_log = ""
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def is_running(self) -> bool:
+        return self._job is not None
+
+    @property
+    def stage(self) -> str | None:
+        """``"train"`` or ``"predict"`` while a job runs, else None."""
+        return self._job.stage if self._job else None
+
+    @property
+    def under_review(self) -> slicer.vtkMRMLSegmentationNode | None:
+        """The prediction node waiting for accept, reject or another round, if any."""
+        review = self._review
+        if review is None or self.scene.GetNodeByID(review.node.GetID()) is not review.node:
+            return None
+        return review.node
+
+    # ------------------------------------------------------------------ learning
+
+    def labelled_slices(
+        self, volume: slicer.vtkMRMLScalarVolumeNode, segmentation: slicer.vtkMRMLSegmentationNode
+    ) -> tuple[np.ndarray, list[mrml_bridge.SegmentSpec], list[int], set[int]]:
+        """The training labels of the next round.
+
+        Returns:
+            ``(labels, segments, painted, corrected)``: class indices 1..N (0 elsewhere) on the
+            volume's grid, one ``(class, name, colour)`` per segment of ``segmentation`` in its
+            order, the slices the user painted there, and the slices (not painted there) that
+            the user corrected in the prediction under review, whose labels are taken from it.
+        """
+        user_labels, user_segments = mrml_bridge.segmentation_to_labelmap(
+            self.scene, self.segmentations_logic, segmentation, volume
+        )
+        names = [name for _value, name, _color in user_segments]
+        if len(set(names)) != len(names):
+            raise ValueError(f"segmentation '{segmentation.GetName()}' has two segments with the same name")
+        lookup = np.zeros(max((v for v, _n, _c in user_segments), default=0) + 1, dtype=np.uint8)
+        for index, (value, _name, _color) in enumerate(user_segments, start=1):
+            lookup[value] = index
+        labels = lookup[user_labels]
+        segments = [(index, name, color) for index, (_value, name, color) in enumerate(user_segments, start=1)]
+        painted = mrml_bridge.painted_slices(labels)
+
+        corrected: set[int] = set()
+        review = self._review
+        if self.under_review is not None and review.volume is volume and review.source is segmentation:
+            now, _specs = mrml_bridge.segmentation_to_labelmap(
+                self.scene, self.segmentations_logic, review.node, volume
+            )
+            changed = np.flatnonzero(np.any(now != review.as_imported, axis=(1, 2)))
+            corrected = (review.corrected | {int(k) for k in changed}) - set(painted)
+            # The review node's classes are the last round's; map them to this round's by name.
+            remap = np.zeros(max(len(review.names), int(now.max())) + 1, dtype=np.uint8)
+            for old, name in enumerate(review.names, start=1):
+                if name in names:
+                    remap[old] = names.index(name) + 1
+            for k in sorted(corrected):
+                labels[k] = remap[now[k]]
+        return labels, segments, painted, corrected
+
+    def start_learning(
+        self,
+        volume: slicer.vtkMRMLScalarVolumeNode,
+        segmentation: slicer.vtkMRMLSegmentationNode,
+        options: LearningOptions | None = None,
+    ) -> Path:
+        """Exports the labelled slices and starts training; returns the run directory.
+
+        Raises:
+            ValueError: for a missing volume, an empty segmentation or no painted voxel.
+        """
+        options = options or LearningOptions()
+        self._check_idle()
+        if volume is None or volume.GetImageData() is None:
+            raise ValueError("Select a volume that holds image data.")
+        if segmentation is None or segmentation.GetSegmentation().GetNumberOfSegments() == 0:
+            raise ValueError("Select a segmentation with at least one segment painted on a few slices.")
+        labels, segments, painted, corrected = self.labelled_slices(volume, segmentation)
+        if not painted and not corrected:
+            raise ValueError(
+                f"The segmentation '{segmentation.GetName()}' has no painted voxels inside volume '{volume.GetName()}'."
+            )
+        names = [name for _v, name, _c in segments]
+        # Later rounds continue from the last model when it knows the same structures.
+        initial = options.pretrained
+        if self.last_package is not None and self._package_names(self.last_package) == names:
+            initial = str(self.last_package)
+
+        run_dir = self._new_run_dir(volume.GetName(), "learn")
+        inputs = run_dir / "inputs"
+        inputs.mkdir()
+        image_path = volume_files.write_volume(volume, inputs / "image.nrrd")
+        volume_files.write_array(labels, mrml_bridge.ijk_to_ras_of(volume), inputs / "label.nrrd")
+        (inputs / "cases.csv").write_text("image,label\nimage.nrrd,label.nrrd\n", encoding="utf-8")
+        config = learning_config(
+            window=display_window(volume),
+            label_names=names,
+            csv=inputs / "cases.csv",
+            output_dir=run_dir,
+            image_shape=labels.shape,
+            options=options,
+            initial_weights=initial,
+        )
+        config_path = run_dir / "config.json"
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        logging.info(
+            "MedTL: learning from painted slices %s and corrected slices %s of %s in %s",
+            painted,
+            sorted(corrected),
+            volume.GetName(),
+            run_dir,
+        )
+        engine = EngineJob(self.engine_factory(["train", str(config_path), "--events", "-"]), "Training")
+        self._job = _Job(
+            kind="learn",
+            stage="train",
+            engine=engine,
+            volume=volume,
+            run_dir=run_dir,
+            inputs_dir=inputs,
+            image_path=image_path,
+            device=options.device,
+            segments=segments,
+            output_name=f"{segmentation.GetName()} (MedTL)",
+            source=segmentation,
+            corrected=corrected,
+        )
+        return run_dir
+
+    # ------------------------------------------------------------------ applying a package
+
+    def start_apply(
+        self,
+        volume: slicer.vtkMRMLScalarVolumeNode,
+        package: str | Path,
+        *,
+        device: str = "auto",
+        probabilities: bool = False,
+        uncertainty: bool = False,
+    ) -> Path:
+        """Segments ``volume`` with a model package into a new segmentation node.
+
+        With ``probabilities`` the foreground probability, with ``uncertainty`` the normalised
+        entropy of the class probabilities, each come back as a scalar volume (0..1).
+        """
+        self._check_idle()
+        if volume is None or volume.GetImageData() is None:
+            raise ValueError("Select a volume that holds image data.")
+        package = Path(package)
+        segments = package_segments(package)
+        run_dir = self._new_run_dir(volume.GetName(), "apply")
+        inputs = run_dir / "inputs"
+        inputs.mkdir()
+        image_path = volume_files.write_volume(volume, inputs / "image.nrrd")
+        job = _Job(
+            kind="apply",
+            stage="predict",
+            engine=None,  # set by _start_predict
+            volume=volume,
+            run_dir=run_dir,
+            inputs_dir=inputs,
+            image_path=image_path,
+            device=device,
+            segments=segments,
+            output_name=f"{volume.GetName()} (MedTL)",
+            probabilities=probabilities,
+            uncertainty=uncertainty,
+        )
+        self._start_predict(job, package)
+        return run_dir
+
+    # ------------------------------------------------------------------ running
+
+    def cancel(self) -> None:
+        """Stops the engine; nothing is added to the scene, the run directory is kept."""
+        if self._job is not None:
+            self._job.engine.cancel()
+
+    def poll(self) -> list[dict[str, Any]]:
+        """The engine's new events; moves the job on (train -> predict -> import).
+
+        Besides the engine's own events it returns ``stage`` (prediction started), ``finished``
+        (result imported) and ``cancelled``. Raises ``RuntimeError`` with the engine's message
+        when it fails; the job then ends and the scene is unchanged.
+        """
+        job = self._job
+        if job is None:
+            return []
+        try:
+            events = job.engine.poll()
+        except RuntimeError:
+            self.last_log = job.engine.log
+            self._job = None
+            raise
+        if not job.engine.finished:
+            return events
+        self.last_log = job.engine.log
+        if job.engine.cancelled:
+            self._job = None
+            return [*events, {"event": "cancelled"}]
+        if job.stage == "train":
+            done = job.engine.done or {}
+            package = Path(done.get("package") or job.run_dir / "model")
+            self.last_package = package
+            self.rounds += 1
+            try:
+                self._start_predict(job, package)
+            except Exception:
+                self._job = None
+                raise
+            return [*events, {"event": "stage", "name": "predict"}]
+        try:
+            node = self._import_results(job)
+        finally:
+            self._job = None
+        # Only the inputs go: a learning run's model package is what the next round starts from.
+        shutil.rmtree(job.run_dir if job.kind == "apply" else job.inputs_dir, ignore_errors=True)
+        return [*events, {"event": "finished", "segmentation": node.GetID()}]
+
+    def run_to_completion(
+        self, timeout_s: float = 3600.0, interval_s: float = 0.2, idle: Callable[[], None] | None = None
+    ) -> slicer.vtkMRMLSegmentationNode | None:
+        """Polls until the job ends (scripts and tests); returns the new segmentation node."""
+        deadline = time.monotonic() + timeout_s
+        while self.is_running:
+            self.poll()
+            if time.monotonic() > deadline:
+                self.cancel()
+                raise TimeoutError(f"MedTL job did not finish within {timeout_s} s")
+            if idle is not None:
+                idle()
+            time.sleep(interval_s)
+        return self.result_segmentation
+
+    # ------------------------------------------------------------------ review
+
+    def accept(self) -> slicer.vtkMRMLSegmentationNode:
+        """Merges the reviewed prediction into the user's segmentation and removes the prediction node.
+
+        Each of the user's segments gets the prediction of its structure (with the user's
+        corrections) on every slice the user did not paint; painted slices stay as painted.
+        """
+        node = self.under_review
+        if node is None:
+            raise ValueError("There is no MedTL prediction to accept.")
+        review = self._review
+        source, volume = review.source, review.volume
+        user_labels, user_segments = mrml_bridge.segmentation_to_labelmap(
+            self.scene, self.segmentations_logic, source, volume
+        )
+        painted = mrml_bridge.painted_slices(user_labels)
+        predicted, _ = mrml_bridge.segmentation_to_labelmap(self.scene, self.segmentations_logic, node, volume)
+        segmentation = source.GetSegmentation()
+        ids_by_name = {segmentation.GetSegment(i).GetName(): i for i in mrml_bridge.list_segment_ids(segmentation)}
+        values_by_name = {name: value for value, name, _color in user_segments}
+        was_modifying = source.StartModify()
+        try:
+            for index, name in enumerate(review.names, start=1):
+                if name not in ids_by_name:
+                    continue  # the user removed that segment meanwhile: nothing to merge into
+                mask = predicted == index
+                mask[painted] = user_labels[painted] == values_by_name[name]
+                mrml_bridge.replace_segment_voxels(source, ids_by_name[name], mask, volume)
+        finally:
+            source.EndModify(was_modifying)
+        self._remove_review()
+        return source
+
+    def reject(self) -> None:
+        """Removes the prediction under review; the user's segmentation is unchanged."""
+        if self.under_review is None:
+            raise ValueError("There is no MedTL prediction to reject.")
+        self._remove_review()
+
+    # ------------------------------------------------------------------ internals
+
+    def _remove_review(self) -> None:
+        review, self._review = self._review, None
+        if self.result_segmentation is review.node:
+            self.result_segmentation = None
+        self.scene.RemoveNode(review.node)
+
+    def _check_idle(self) -> None:
+        if self._job is not None:
+            raise RuntimeError("MedTL is already running; cancel it or wait for it to finish.")
+        self.result_segmentation = None
+
+    def _new_run_dir(self, volume_name: str, prefix: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in volume_name)[:40] or "volume"
+        base = self.work_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{prefix}-{safe}"
+        run_dir, suffix = base, 1
+        while run_dir.exists():
+            suffix += 1
+            run_dir = base.with_name(f"{base.name}~{suffix}")
+        run_dir.mkdir(parents=True)
+        return run_dir
+
+    @staticmethod
+    def _package_names(package: Path) -> list[str]:
+        return [name for _v, name, _c in package_segments(package)]
+
+    def _start_predict(self, job: _Job, package: Path) -> None:
+        outputs = {"labels": job.inputs_dir / "prediction.nrrd"}
+        args = ["predict", "--model", str(package), "--image", str(job.image_path), "--out", str(outputs["labels"])]
+        if job.probabilities:
+            outputs["probabilities"] = job.inputs_dir / "probability.nrrd"
+            args += ["--probabilities", str(outputs["probabilities"])]
+        if job.uncertainty:
+            outputs["uncertainty"] = job.inputs_dir / "uncertainty.nrrd"
+            args += ["--uncertainty", str(outputs["uncertainty"])]
+        args += ["--device", job.device, "--events", "-"]
+        # Started before the job is recorded: if starting fails, MedTL is not left "running".
+        job.engine = EngineJob(self.engine_factory(args), "Prediction")
+        job.stage, job.outputs = "predict", outputs
+        self._job = job
+
+    def _import_results(self, job: _Job) -> slicer.vtkMRMLSegmentationNode:
+        labels, ijk_to_ras = volume_files.read_array(job.outputs["labels"])
+        review = self._review if job.kind == "learn" else None
+        reuse = review is not None and self.under_review is not None and review.source is job.source
+        if job.kind == "learn" and job.corrected:
+            # The user's corrections stay visible (and stay training data for the next round).
+            source_labels, _segments, _painted, _corrected = self.labelled_slices(job.volume, job.source)
+            for k in job.corrected:
+                labels[k] = source_labels[k]
+        # The reference volume makes the bridge check that the prediction is on the volume's grid.
+        node = mrml_bridge.labelmap_to_segmentation(
+            self.scene,
+            self.segmentations_logic,
+            labels,
+            ijk_to_ras,
+            job.segments,
+            reference_volume=job.volume,
+            node=review.node if reuse else None,
+            name=job.output_name,
+        )
+        if job.kind == "learn":
+            imported, _ = mrml_bridge.segmentation_to_labelmap(self.scene, self.segmentations_logic, node, job.volume)
+            self._review = _Review(
+                node=node,
+                volume=job.volume,
+                source=job.source,
+                names=[name for _v, name, _c in job.segments],
+                as_imported=imported,
+                corrected=set(job.corrected),
+            )
+        for key in ("probabilities", "uncertainty"):
+            if key in job.outputs:
+                array, matrix = volume_files.read_array(job.outputs[key])
+                name = f"{job.volume.GetName()} MedTL {'probability' if key == 'probabilities' else 'uncertainty'}"
+                volume = mrml_bridge.array_to_volume(self.scene, array.astype(np.float32), matrix, name)
+                volume.SetAndObserveTransformNodeID(job.volume.GetTransformNodeID())
+                _show_as_fraction(volume)
+                setattr(self, "probability_volume" if key == "probabilities" else "uncertainty_volume", volume)
+        self.result_segmentation = node
+        return node
+
+
+def display_window(volume: slicer.vtkMRMLScalarVolumeNode) -> list[float] | None:
+    """The intensity window the volume is displayed with, as [low, high], if it has one."""
+    display = volume.GetDisplayNode()
+    if display is None or not display.IsA("vtkMRMLScalarVolumeDisplayNode"):
+        return None
+    width, level = display.GetWindow(), display.GetLevel()
+    if not width > 0:
+        return None
+    return [float(level - width / 2), float(level + width / 2)]
+
+
+def package_segments(package: str | Path) -> list[mrml_bridge.SegmentSpec]:
+    """(value, name, colour) of the labels of a model package, read from its manifest."""
+    path = Path(package) / PACKAGE_MANIFEST
+    if not path.is_file():
+        raise ValueError(f"'{package}' is not a MedTL model package (it has no {PACKAGE_MANIFEST}).")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    segments = [
+        (int(e["value"]), str(e["name"]), tuple(float(c) for c in e["color"]))
+        for e in manifest.get("labels", [])
+        if int(e["value"]) != 0
+    ]
+    if not segments:
+        raise ValueError(f"The model package '{package}' lists no labels.")
+    return segments
+
+
+def learning_config(
+    *,
+    window: list[float] | None,
+    label_names: list[str],
+    csv: Path,
+    output_dir: Path,
+    image_shape: tuple[int, ...],
+    options: LearningOptions,
+    initial_weights: str,
+) -> dict[str, Any]:
+    """Run configuration (``medtl.config.RunConfig`` as JSON) for one round of learning from slices."""
+    # FlexibleUNet halves the size five times: a multiple of 32, at most 256 to keep steps fast;
+    # the engine pads smaller images.
+    patch = int(min(256, max(32, (min(image_shape[1:]) // 32) * 32)))
+    if initial_weights == "none":
+        # From random weights there are no features to extract: train all layers from the start.
+        strategy: dict[str, Any] = {"name": "full_finetune", "encoder_lr_factor": 1.0}
+    elif initial_weights == "imagenet":
+        strategy = {
+            "name": "feature_extraction_then_finetune",
+            "feature_extraction_epochs": max(1, options.epochs // 3),
+        }
+    else:
+        # The last round's model already fits this structure: fine-tune all of it, gently.
+        strategy = {"name": "full_finetune", "encoder_lr_factor": 0.1}
+    return {
+        "task": "segmentation_2d",
+        # Only labelled slices are examples; the others are unknown, not background.
+        "data": {"csv": str(csv), "label_names": label_names, "val_fraction": 0.0, "labelled_slices": True},
+        # What the user sees (and painted on) is the display window, so that is the intensity range.
+        "preprocessing": {"preset": "none" if window else "mri", "window": window, "patch_size": [patch, patch]},
+        "model": {"name": options.network, "pretrained": initial_weights},
+        "strategy": strategy,
+        "train": {
+            "epochs": int(options.epochs),
+            "steps_per_epoch": int(options.steps_per_epoch),
+            "batch_size": int(options.batch_size),
+            "device": options.device,
+        },
+        "output_dir": str(output_dir),
+    }
+
+
+def _show_as_fraction(volume: slicer.vtkMRMLScalarVolumeNode) -> None:
+    """A 0..1 map shown with a fixed 0..1 window and a heat colour map, ready as an overlay."""
+    volume.CreateDefaultDisplayNodes()
+    display = volume.GetDisplayNode()
+    scene = volume.GetScene()
+    for color_id in ("vtkMRMLColorTableNodeFileViridis.txt", "vtkMRMLPETProceduralColorNodePET-Heat"):
+        if scene.GetNodeByID(color_id) is not None:
+            display.SetAndObserveColorNodeID(color_id)
+            break
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
