@@ -1,28 +1,25 @@
 """MedTL: learn a segmentation from a few painted slices, apply model packages, review the result.
 
-The module file is the thin GUI layer of MedTL: widgets bound to a parameter node, and a logic that
-moves data between the scene and files (through ``MedTLExtensionLib.mrml_bridge``) and runs the
-engine (``python -m medtl``) as a separate process whose JSON-lines events are polled.
+The thin GUI layer: widgets bound to a parameter node. The work happens in
+``MedTLExtensionLib.slice_learning.SliceLearner`` (export, engine process, import, review), which
+needs no Qt and is tested headless.
 """
 
 import importlib
-import importlib.util
-import json
 import logging
-import os
-import shutil
 import sys
-import time
-from collections.abc import Callable, Sequence
+import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import qt
 import slicer
 import vtk
-from MedTLExtensionLib import mrml_bridge
-from MedTLExtensionLib.engine_process import EngineRun
+from MedTLExtensionLib import dependencies, mrml_bridge
+from MedTLExtensionLib.engine_process import describe_event
+from MedTLExtensionLib.slice_learning import LearningOptions, SliceLearner
+from MedTLExtensionLib.training_run import NETWORKS_2D
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -36,18 +33,14 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 DEVICES = ("auto", "cpu", "cuda")
-
-# Engine packages installed with pip on first use (import name, requirement). torch and
-# torchvision are not here: they come from the PyTorch extension, which picks the build that
-# matches the GPU driver.
-PIP_REQUIREMENTS = (
-    ("monai", "monai>=1.4"),
-    ("SimpleITK", "SimpleITK>=2.3"),
-    ("safetensors", "safetensors>=0.4"),
-    ("matplotlib", "matplotlib>=3.7"),
+LIB_MODULES = (
+    "MedTLExtensionLib.mrml_bridge",
+    "MedTLExtensionLib.volume_files",
+    "MedTLExtensionLib.engine_process",
+    "MedTLExtensionLib.dependencies",
+    "MedTLExtensionLib.training_run",
+    "MedTLExtensionLib.slice_learning",
 )
-
-PACKAGE_MANIFEST = "medtl_package.json"
 
 
 #
@@ -65,8 +58,8 @@ class MedTLExtension(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Paint a few slices of a structure with the Segment Editor, then click <b>Learn from my"
             " slices</b>: MedTL fine-tunes a pretrained network on those slices and segments the whole"
-            " volume into a new segmentation (yours is never changed). Correct the result, paint more"
-            " slices and learn again. <b>Apply model</b> segments a volume with a saved model package."
+            " volume into a new segmentation (yours changes only when you accept). Correct the result and"
+            " learn again from your corrections. <b>Apply model</b> segments a volume with a saved model package."
             " See the <a href='https://github.com/medtl/SlicerMedTL'>documentation</a>."
         )
         self.parent.acknowledgementText = _(
@@ -84,8 +77,11 @@ class MedTLExtensionParameterNode:
     """What the user chose in the module panel; saved with the scene.
 
     inputVolume - image to learn from and to segment.
-    inputSegmentation - the user's sparse segmentation (painted slices); only read.
+    inputSegmentation - the user's sparse segmentation (painted slices); only read, until Accept.
     modelPackage - model package folder for "Apply model" (set after "Learn from my slices").
+    showProbability - load the foreground probability as an overlay when applying a model.
+    showUncertainty - load the uncertainty (normalised entropy) as an overlay when applying a model.
+    network - pretrained 2D network fine-tuned by "Learn from my slices".
     device - "auto", "cpu" or "cuda".
     epochs - training epochs for "Learn from my slices".
     """
@@ -93,36 +89,50 @@ class MedTLExtensionParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     inputSegmentation: vtkMRMLSegmentationNode
     modelPackage: Path
+    showProbability: bool = True
+    showUncertainty: bool = False
+    network: Annotated[str, Choice(NETWORKS_2D)] = "unet_mobilenet_v2"
     device: Annotated[str, Choice(DEVICES)] = "auto"
     epochs: Annotated[int, WithinRange(1, 500)] = 20
-
-
-#
-# Engine process
-#
-
-
-# Starts ``medtl <args>``; the logics take another one in tests (see EngineRun for what it returns).
-EngineFactory = Callable[[Sequence[str]], EngineRun]
-
-
-def startEngine(args: Sequence[str]) -> EngineRun:
-    """Starts ``PythonSlicer -m medtl <args>`` with the engine importable, as both MedTL modules do."""
-    from MedTLExtensionLib.engine_process import EngineProcess
-
-    env = {}
-    trainingModule = getattr(slicer.modules, "medtltraining", None)
-    if trainingModule is not None:
-        # medtl/ sits beside MedTLTraining.py, wherever the extension is installed or built.
-        engineDir = os.path.dirname(trainingModule.path)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (engineDir, os.environ.get("PYTHONPATH", "")) if p)
-    # Inside Slicer, PythonSlicer is the interpreter that sees Slicer's Python packages.
-    return EngineProcess(list(args), python=shutil.which("PythonSlicer") or sys.executable, env=env)
 
 
 def _isSet(path: Path | str | None) -> bool:
     # An unset pathlib parameter reads back as Path("."), not as None or "".
     return path is not None and str(path) not in ("", ".")
+
+
+def ensureDependencies() -> None:
+    """Installs what the engine needs after one confirmation (both MedTL modules call this)."""
+
+    def installTorch() -> bool:
+        import PyTorchUtils
+
+        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is not None
+
+    installed = dependencies.ensure_dependencies(
+        confirm=lambda message: slicer.util.confirmOkCancelDisplay(message, windowTitle=_("MedTL: install packages")),
+        install_torch=installTorch if hasattr(slicer.modules, "pytorchutils") else None,
+        pip_install=dependencies.slicer_pip_install,
+        testing=slicer.app.testingEnabled(),
+    )
+    if installed:
+        logging.info(f"MedTL installed: {', '.join(installed)}")
+
+
+def checkDevice(device: str) -> str:
+    """Where a run on ``device`` will compute; a visible warning when the GPU cannot be used."""
+    if device == "cpu":
+        return device
+    report = dependencies.check_device(device)
+    if report.get("warning"):
+        slicer.util.warningDisplay(
+            _(
+                "{warning}.\n\nMedTL will train on the CPU (slower). To use the GPU, reinstall PyTorch for it in"
+                " the PyTorch Utils module."
+            ).format(warning=report["warning"]),
+            windowTitle=_("MedTL: GPU not usable"),
+        )
+    return report["device"]
 
 
 #
@@ -143,7 +153,6 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedTLExtension.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -154,8 +163,11 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self._updateButtons)
 
         self.ui.learnButton.connect("clicked(bool)", self.onLearnButton)
+        self.ui.acceptButton.connect("clicked(bool)", self.onAcceptButton)
+        self.ui.rejectButton.connect("clicked(bool)", self.onRejectButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.progressBar.setRange(0, 100)
@@ -171,7 +183,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._pollTimer is not None:
             self._pollTimer.stop()
         if self.logic is not None:
-            self.logic.cancel()
+            self.logic.learner.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -194,22 +206,17 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReload(self) -> None:
         # Slicer reloads only the module file; reload the library too so edits to it take effect.
-        for name in ("MedTLExtensionLib.mrml_bridge", "MedTLExtensionLib.engine_process"):
-            module = sys.modules.get(name)
-            if module is not None:
-                importlib.reload(module)
+        for name in LIB_MODULES:
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])
         super().onReload()
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
         if not self._parameterNode.inputSegmentation:
-            firstSegmentationNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
-            if firstSegmentationNode:
-                self._parameterNode.inputSegmentation = firstSegmentationNode
+            self._parameterNode.inputSegmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
 
     def setParameterNode(self, inputParameterNode: MedTLExtensionParameterNode | None) -> None:
         if self._parameterNode:
@@ -222,41 +229,67 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _updateButtons(self, caller=None, event=None) -> None:
-        running = self.logic is not None and self.logic.isRunning
+        learner = self.logic.learner if self.logic else None
+        running = learner is not None and learner.is_running
+        reviewing = learner is not None and learner.under_review is not None
         node = self._parameterNode
         hasVolume = bool(node and node.inputVolume)
         canLearn = hasVolume and bool(node.inputSegmentation) and not running
-        canApply = hasVolume and _isSet(node.modelPackage) and not running
         self.ui.learnButton.enabled = canLearn
+        self.ui.learnButton.text = _("Learn again (with my corrections)") if reviewing else _("Learn from my slices")
         self.ui.learnButton.toolTip = (
-            _("Fine-tune a pretrained network on the painted slices, then segment the whole volume.")
+            _("Fine-tune a pretrained network on the painted (and corrected) slices, then segment the whole volume.")
             if canLearn
             else _("Select a volume and a segmentation painted on a few of its slices.")
         )
-        self.ui.applyButton.enabled = canApply
-        self.ui.applyButton.toolTip = (
-            _("Segment the volume with the model package into a new segmentation.")
-            if canApply
-            else _("Select a volume and a model package.")
+        self.ui.acceptButton.enabled = reviewing and not running
+        self.ui.rejectButton.enabled = reviewing and not running
+        self.ui.reviewLabel.text = (
+            _(
+                "Review '{name}': correct it with the Segment Editor where it is wrong, then accept it, reject it,"
+                " or learn again from your corrections."
+            ).format(name=learner.under_review.GetName())
+            if reviewing
+            else ""
         )
+        self.ui.applyButton.enabled = hasVolume and _isSet(node.modelPackage) and not running
         self.ui.cancelButton.enabled = running
 
     def onLearnButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not start learning from the painted slices."), waitCursor=True):
-            self.logic.ensureDependencies()
+            ensureDependencies()
             p = self._parameterNode
-            self.logic.startLearning(p.inputVolume, p.inputSegmentation, epochs=p.epochs, device=p.device)
+            options = LearningOptions(epochs=p.epochs, device=checkDevice(p.device), network=p.network)
+            self.logic.learner.start_learning(p.inputVolume, p.inputSegmentation, options)
             self._onJobStarted(_("Preparing the painted slices..."))
 
     def onApplyButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not apply the model."), waitCursor=True):
-            self.logic.ensureDependencies()
+            ensureDependencies()
             p = self._parameterNode
-            self.logic.startPrediction(p.inputVolume, p.modelPackage, device=p.device)
+            self.logic.learner.start_apply(
+                p.inputVolume,
+                p.modelPackage,
+                device=checkDevice(p.device),
+                probabilities=p.showProbability,
+                uncertainty=p.showUncertainty,
+            )
             self._onJobStarted(_("Segmenting the volume..."))
 
+    def onAcceptButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not accept the prediction."), waitCursor=True):
+            segmentation = self.logic.learner.accept()
+            self.ui.statusLabel.text = _("Merged into '{name}'.").format(name=segmentation.GetName())
+        self._updateButtons()
+
+    def onRejectButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not reject the prediction."), waitCursor=True):
+            self.logic.learner.reject()
+            self.ui.statusLabel.text = _("Prediction removed. Your segmentation is unchanged.")
+        self._updateButtons()
+
     def onCancelButton(self) -> None:
-        self.logic.cancel()
+        self.logic.learner.cancel()
 
     def _onJobStarted(self, message: str) -> None:
         self.ui.progressBar.value = 0
@@ -266,9 +299,10 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def onPollTimer(self) -> None:
+        learner = self.logic.learner
         try:
-            for event in self.logic.poll():
-                progress, text = self.logic.describeEvent(event)
+            for event in learner.poll():
+                progress, text = self._describe(event)
                 if progress is not None:
                     self.ui.progressBar.value = progress
                 if text:
@@ -277,23 +311,36 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pollTimer.stop()
             self.ui.statusLabel.text = _("Failed: {message}").format(message=error)
             self._updateButtons()
-            slicer.util.errorDisplay(str(error), detailedText=self.logic.lastLog)
+            slicer.util.errorDisplay(str(error), detailedText=learner.last_log)
             return
-        if self.logic.isRunning:
+        if learner.is_running:
             return
         self._pollTimer.stop()
-        if self.logic.lastPackage is not None and self._parameterNode is not None:
+        if learner.last_package is not None and self._parameterNode is not None:
             # The package just learned is what "Apply model" should use next (e.g. on another volume).
-            self._parameterNode.modelPackage = self.logic.lastPackage
-        if self.logic.resultSegmentation is not None:
-            self._showResult(self.logic.resultSegmentation)
+            self._parameterNode.modelPackage = learner.last_package
+        if learner.result_segmentation is not None:
+            self._showResult(learner)
         self._updateButtons()
 
-    def _showResult(self, segmentationNode: vtkMRMLSegmentationNode) -> None:
+    @staticmethod
+    def _describe(event: dict) -> tuple[int | None, str]:
+        kind = event.get("event")
+        if kind == "stage":
+            return 0, _("Segmenting the volume with the learned model...")
+        if kind == "finished":
+            return 100, _("Done: the prediction is in a new segmentation.")
+        if kind == "cancelled":
+            return 0, _("Cancelled. Your segmentation is unchanged.")
+        return describe_event(event)
+
+    def _showResult(self, learner: SliceLearner) -> None:
         volume = self._parameterNode.inputVolume if self._parameterNode else None
-        if volume is not None:
-            slicer.util.setSliceViewerLayers(background=volume)
-        segmentationNode.CreateClosedSurfaceRepresentation()
+        overlay = learner.uncertainty_volume or learner.probability_volume
+        slicer.util.setSliceViewerLayers(
+            background=volume, foreground=overlay, foregroundOpacity=0.4 if overlay else None
+        )
+        learner.result_segmentation.CreateClosedSurfaceRepresentation()
 
 
 #
@@ -302,514 +349,24 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class MedTLExtensionLogic(ScriptedLoadableModuleLogic):
-    """Learn from painted slices and apply model packages, without a GUI.
-
-    One job runs at a time. ``startLearning`` / ``startPrediction`` export what the engine needs
-    and start it; ``poll`` (called from a timer, or from ``runToCompletion``) forwards the
-    engine's events and moves the job on: training, then prediction, then import of the result as
-    a new segmentation node. The user's segmentation is only read.
+    """Holds the module's :class:`SliceLearner` on Slicer's scene.
 
     Example (Python console)::
 
-        logic = MedTLExtensionLogic()
-        logic.ensureDependencies()
-        logic.startLearning(volumeNode, segmentationNode, epochs=10, device="cpu")
-        newSegmentation = logic.runToCompletion()
+        logic = slicer.util.getModuleLogic("MedTLExtension")
+        logic.learner.start_learning(volumeNode, segmentationNode, LearningOptions(epochs=10, device="cpu"))
+        prediction = logic.learner.run_to_completion(idle=slicer.app.processEvents)
+        logic.learner.accept()
     """
 
-    DEFAULT_NETWORK = "unet_mobilenet_v2"
-
-    def __init__(
-        self,
-        scene=None,
-        segmentationsLogic=None,
-        engineFactory: EngineFactory | None = None,
-        workRoot: Path | None = None,
-    ) -> None:
+    def __init__(self, workRoot: Path | None = None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.scene = scene if scene is not None else slicer.mrmlScene
-        self._segmentationsLogic = segmentationsLogic
-        self.engineFactory: EngineFactory = engineFactory or startEngine
-        # Runs are kept (they hold the learned model package); exported inputs are removed.
-        self.workRoot = Path(workRoot) if workRoot else Path(slicer.app.defaultScenePath) / "MedTL" / "runs"
-        self._job: dict[str, Any] | None = None
-        self.resultSegmentation: vtkMRMLSegmentationNode | None = None
-        self.lastPackage: Path | None = None
-        self.lastLog = ""
+        # Runs are kept (they hold the learned model packages); exported inputs are removed.
+        root = workRoot or Path(slicer.app.defaultScenePath) / "MedTL" / "runs"
+        self.learner = SliceLearner(slicer.mrmlScene, slicer.modules.segmentations.logic(), work_root=root)
 
     def getParameterNode(self) -> MedTLExtensionParameterNode:
         return MedTLExtensionParameterNode(super().getParameterNode())
-
-    @property
-    def segmentationsLogic(self):
-        if self._segmentationsLogic is None:
-            self._segmentationsLogic = slicer.modules.segmentations.logic()
-        return self._segmentationsLogic
-
-    @property
-    def isRunning(self) -> bool:
-        return self._job is not None
-
-    # ------------------------------------------------------------------ dependencies
-
-    @staticmethod
-    def ensureDependencies() -> None:
-        """Installs what the engine needs, after one confirmation (see ``ensureDependencies``)."""
-        ensureDependencies()
-
-    # ------------------------------------------------------------------ jobs
-
-    def startLearning(
-        self,
-        volumeNode: vtkMRMLScalarVolumeNode,
-        segmentationNode: vtkMRMLSegmentationNode,
-        *,
-        epochs: int = 20,
-        device: str = "auto",
-        network: str = DEFAULT_NETWORK,
-        pretrained: str = "imagenet",
-        stepsPerEpoch: int = 20,
-    ) -> Path:
-        """Exports the volume and the painted slices, writes a run config and starts training.
-
-        Returns:
-            The run directory (config, checkpoints, events and, when done, ``model/``).
-        """
-        self._checkIdle()
-        if volumeNode is None or volumeNode.GetImageData() is None:
-            raise ValueError(_("Select a volume that holds image data."))
-        if segmentationNode is None or segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
-            raise ValueError(_("Select a segmentation with at least one segment painted on a few slices."))
-
-        labels, segments = mrml_bridge.segmentation_to_labelmap(
-            self.scene, self.segmentationsLogic, segmentationNode, volumeNode
-        )
-        painted = mrml_bridge.painted_slices(labels, axis=0)
-        if not painted:
-            raise ValueError(
-                _("The segmentation '{name}' has no painted voxels inside volume '{volume}'.").format(
-                    name=segmentationNode.GetName(), volume=volumeNode.GetName()
-                )
-            )
-        # The engine wants classes 1..N; the user's segments may carry other (tagged) values.
-        lookup = np.zeros(max(value for value, _name, _color in segments) + 1, dtype=np.min_scalar_type(len(segments)))
-        for index, (value, _name, _color) in enumerate(segments, start=1):
-            lookup[value] = index
-        labels = lookup[labels]
-        outputSegments = [(index, name, color) for index, (_value, name, color) in enumerate(segments, start=1)]
-
-        runDir = self._newRunDir(volumeNode.GetName())
-        inputsDir = runDir / "inputs"
-        inputsDir.mkdir(parents=True)
-        imagePath = inputsDir / "image.nrrd"
-        labelPath = inputsDir / "label.nrrd"
-        _writeVolume(volumeNode, imagePath)
-        _writeArray(labels, ijkToRasOf(volumeNode), labelPath)
-        (inputsDir / "cases.csv").write_text("image,label\nimage.nrrd,label.nrrd\n", encoding="utf-8")
-
-        config = self.learningConfig(
-            volumeNode,
-            labelNames=[name for _value, name, _color in outputSegments],
-            csv=inputsDir / "cases.csv",
-            outputDir=runDir,
-            imageShape=labels.shape,
-            epochs=epochs,
-            device=device,
-            network=network,
-            pretrained=pretrained,
-            stepsPerEpoch=stepsPerEpoch,
-        )
-        configPath = runDir / "config.json"
-        configPath.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-        logging.info(f"MedTL: learning from slices {painted} of {volumeNode.GetName()} in {runDir}")
-        self._begin(
-            kind="learn",
-            stage="train",
-            args=["train", str(configPath), "--events", "-"],
-            volume=volumeNode,
-            segments=outputSegments,
-            runDir=runDir,
-            inputsDir=inputsDir,
-            imagePath=imagePath,
-            device=device,
-            outputName=f"{segmentationNode.GetName()} (MedTL)",
-        )
-        return runDir
-
-    def startPrediction(
-        self, volumeNode: vtkMRMLScalarVolumeNode, package: Path | str, *, device: str = "auto"
-    ) -> None:
-        """Segments ``volumeNode`` with a model package into a new segmentation node."""
-        self._checkIdle()
-        if volumeNode is None or volumeNode.GetImageData() is None:
-            raise ValueError(_("Select a volume that holds image data."))
-        package = Path(package)
-        if not _isSet(package) or not (package / PACKAGE_MANIFEST).is_file():
-            raise ValueError(
-                _("'{path}' is not a MedTL model package (it has no {manifest}).").format(
-                    path=package, manifest=PACKAGE_MANIFEST
-                )
-            )
-        runDir = self._newRunDir(volumeNode.GetName(), prefix="apply")
-        inputsDir = runDir / "inputs"
-        inputsDir.mkdir(parents=True)
-        imagePath = inputsDir / "image.nrrd"
-        _writeVolume(volumeNode, imagePath)
-        job = self._begin(
-            kind="apply",
-            stage="predict",
-            args=None,
-            volume=volumeNode,
-            segments=packageSegments(package),
-            runDir=runDir,
-            inputsDir=inputsDir,
-            imagePath=imagePath,
-            device=device,
-            outputName=f"{volumeNode.GetName()} (MedTL)",
-        )
-        self._startPredict(job, package)
-
-    def cancel(self) -> None:
-        """Stops the engine; nothing is added to the scene and the run directory is kept."""
-        if self._job is not None:
-            self._job["cancelled"] = True
-            self._job["process"].cancel()
-
-    def poll(self) -> list[dict[str, Any]]:
-        """Forwards new engine events and advances the job; raises if the engine failed.
-
-        Besides the engine's events (see ``medtl.events``) it returns ``stage`` (prediction
-        started), ``finished`` (result imported) and ``cancelled`` events.
-        """
-        job = self._job
-        if job is None:
-            return []
-        process = job["process"]
-        # Read the exit status first: events written just before the exit are then in this poll.
-        finished = process.returncode is not None
-        events = process.poll()
-        for event in events:
-            kind = event.get("event")
-            if kind == "error":
-                job["error"] = event.get("message")
-            elif kind == "done" and job["stage"] == "train":
-                job["package"] = event.get("package")
-        if not finished:
-            return events
-        self.lastLog = getattr(process, "log", "")
-        if job.get("cancelled"):
-            self._job = None
-            return [*events, {"event": "cancelled"}]
-        if process.returncode != 0:
-            self._job = None
-            raise RuntimeError(
-                job.get("error")
-                or getattr(process, "error_message", None)
-                or _("The MedTL engine stopped with exit status {code} (details: {log}).").format(
-                    code=process.returncode, log=_lastLine(self.lastLog) or job["runDir"]
-                )
-            )
-        if job["stage"] == "train":
-            package = Path(job.get("package") or job["runDir"] / "model")
-            self.lastPackage = package
-            self._startPredict(job, package)
-            return [*events, {"event": "stage", "name": "predict"}]
-        try:
-            node = self._importPrediction(job)
-        finally:
-            self._job = None
-        shutil.rmtree(job["inputsDir"], ignore_errors=True)
-        self.resultSegmentation = node
-        return [*events, {"event": "finished", "segmentation": node.GetID()}]
-
-    def runToCompletion(self, timeoutSeconds: float = 3600.0, interval: float = 0.2) -> vtkMRMLSegmentationNode | None:
-        """Polls until the job ends (for scripts and tests); returns the new segmentation."""
-        deadline = time.monotonic() + timeoutSeconds
-        while self.isRunning:
-            self.poll()
-            if time.monotonic() > deadline:
-                self.cancel()
-                raise TimeoutError(f"MedTL job did not finish within {timeoutSeconds} s")
-            slicer.app.processEvents()
-            time.sleep(interval)
-        return self.resultSegmentation
-
-    @staticmethod
-    def describeEvent(event: dict[str, Any]) -> tuple[int | None, str]:
-        """Progress (0-100, or None to leave as is) and a status line for one event."""
-        kind = event.get("event")
-        if kind in ("epoch", "step"):
-            total = event.get("total_steps") or 0
-            progress = int(100 * event.get("step", 0) / total) if total else None
-            if event.get("label") == "predict":
-                return progress, _("Segmenting the volume...")
-            text = _("Training: epoch {epoch}/{epochs}, loss {loss:.3f}").format(
-                epoch=event.get("epoch", "?"),
-                epochs=event.get("epochs", "?"),
-                loss=float(event.get("loss", float("nan"))),
-            )
-            text += _remaining(event.get("eta_s"))
-            return progress, text
-        if kind == "start":
-            return 0, _("Training on {device}...").format(device=event.get("device", "?"))
-        if kind == "phase":
-            return None, _("Training: {name}").format(name=event.get("name", ""))
-        if kind in ("warning", "message"):
-            return None, str(event.get("message", ""))
-        if kind == "stage":
-            return 0, _("Segmenting the volume with the learned model...")
-        if kind == "finished":
-            return 100, _("Done: the prediction is in a new segmentation.")
-        if kind == "cancelled":
-            return 0, _("Cancelled. Your segmentation is unchanged.")
-        if kind == "error":
-            return None, _("Error: {message}").format(message=event.get("message", ""))
-        return None, ""
-
-    # ------------------------------------------------------------------ config
-
-    @staticmethod
-    def learningConfig(
-        volumeNode: vtkMRMLScalarVolumeNode,
-        *,
-        labelNames: list[str],
-        csv: Path,
-        outputDir: Path,
-        imageShape: tuple[int, ...],
-        epochs: int,
-        device: str,
-        network: str,
-        pretrained: str,
-        stepsPerEpoch: int,
-    ) -> dict[str, Any]:
-        """Run configuration (``medtl.config.RunConfig`` as JSON) for learning from painted slices."""
-        window = displayWindow(volumeNode)
-        # FlexibleUNet halves the size five times: a multiple of 32, at most 256 to keep steps fast;
-        # the engine pads smaller images.
-        patch = int(min(256, max(32, (min(imageShape[1:]) // 32) * 32)))
-        if pretrained == "none":
-            # From random weights there are no features to extract: train all layers from the start.
-            strategy = {"name": "full_finetune", "encoder_lr_factor": 1.0}
-        else:
-            strategy = {
-                "name": "feature_extraction_then_finetune",
-                "feature_extraction_epochs": max(1, epochs // 3),
-            }
-        return {
-            "task": "segmentation_2d",
-            # Only painted slices are examples; unpainted slices are unknown, not background.
-            "data": {
-                "csv": str(csv),
-                "label_names": labelNames,
-                "val_fraction": 0.0,
-                "labelled_slices": True,
-            },
-            # What the user sees (and painted on) is the display window, so that is the intensity range.
-            "preprocessing": {
-                "preset": "none" if window else "mri",
-                "window": window,
-                "patch_size": [patch, patch],
-            },
-            "model": {"name": network, "pretrained": pretrained},
-            "strategy": strategy,
-            "train": {"epochs": int(epochs), "steps_per_epoch": int(stepsPerEpoch), "device": device},
-            "output_dir": str(outputDir),
-        }
-
-    # ------------------------------------------------------------------ internals
-
-    def _checkIdle(self) -> None:
-        if self._job is not None:
-            raise RuntimeError(_("MedTL is already running; cancel it or wait for it to finish."))
-        self.resultSegmentation = None
-        self.lastPackage = None
-
-    def _newRunDir(self, volumeName: str, prefix: str = "learn") -> Path:
-        safeName = "".join(c if c.isalnum() or c in "-_" else "_" for c in volumeName)[:40] or "volume"
-        runDir = self.workRoot / f"{time.strftime('%Y%m%d-%H%M%S')}-{prefix}-{safeName}"
-        suffix = 1
-        while runDir.exists():
-            suffix += 1
-            runDir = runDir.with_name(f"{runDir.name.split('~')[0]}~{suffix}")
-        runDir.mkdir(parents=True)
-        return runDir
-
-    def _begin(self, *, args: list[str] | None, **job: Any) -> dict[str, Any]:
-        newJob = {"cancelled": False, "error": None, **job}
-        if args is not None:
-            # Started before the job is recorded: if starting fails, MedTL is not left "running".
-            newJob["process"] = self.engineFactory(args)
-        self._job = newJob
-        return newJob
-
-    def _startPredict(self, job: dict[str, Any], package: Path) -> None:
-        outputPath = job["inputsDir"] / "prediction.nrrd"
-        args = [
-            "predict",
-            "--model",
-            str(package),
-            "--image",
-            str(job["imagePath"]),
-            "--out",
-            str(outputPath),
-        ]
-        args += ["--device", job["device"], "--events", "-"]
-        try:
-            process = self.engineFactory(args)
-        except Exception:
-            if self._job is job:
-                self._job = None
-            raise
-        job.update(stage="predict", outputPath=outputPath, error=None, process=process)
-        self._job = job
-
-    def _importPrediction(self, job: dict[str, Any]) -> vtkMRMLSegmentationNode:
-        labels, ijkToRas = _readArray(job["outputPath"])
-        # The reference volume makes the bridge check that the prediction is on the volume's grid.
-        return mrml_bridge.labelmap_to_segmentation(
-            self.scene,
-            self.segmentationsLogic,
-            labels,
-            ijkToRas,
-            job["segments"],
-            reference_volume=job["volume"],
-            name=job["outputName"],
-        )
-
-
-def displayWindow(volumeNode: vtkMRMLScalarVolumeNode) -> list[float] | None:
-    """The intensity window the volume is displayed with, as [low, high], if it has one."""
-    display = volumeNode.GetDisplayNode()
-    if display is None or not display.IsA("vtkMRMLScalarVolumeDisplayNode"):
-        return None
-    width, level = display.GetWindow(), display.GetLevel()
-    if not width > 0:
-        return None
-    return [float(level - width / 2), float(level + width / 2)]
-
-
-def packageSegments(package: Path) -> list[mrml_bridge.SegmentSpec]:
-    """(value, name, colour) of the labels of a model package, read from its manifest."""
-    manifest = json.loads((Path(package) / PACKAGE_MANIFEST).read_text(encoding="utf-8"))
-    segments = []
-    for entry in manifest.get("labels", []):
-        if int(entry["value"]) == 0:
-            continue
-        segments.append((int(entry["value"]), str(entry["name"]), tuple(float(c) for c in entry["color"])))
-    if not segments:
-        raise ValueError(_("The model package '{path}' lists no labels.").format(path=package))
-    return segments
-
-
-def _writeVolume(volumeNode: vtkMRMLScalarVolumeNode, path: Path) -> None:
-    # A storage node of our own, so the user's volume keeps its file name and modified state.
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(path))
-    storage.SetUseCompression(False)
-    if not storage.WriteData(volumeNode):
-        raise RuntimeError(_("Could not write '{name}' to {path}.").format(name=volumeNode.GetName(), path=path))
-
-
-def _writeArray(array: np.ndarray, ijkToRas: np.ndarray, path: Path) -> None:
-    # A node outside the scene: the label map only passes through on its way to a file.
-    node = slicer.vtkMRMLScalarVolumeNode()
-    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRas))
-    slicer.util.updateVolumeFromArray(node, array)
-    _writeVolume(node, path)
-
-
-def ijkToRasOf(volumeNode: vtkMRMLScalarVolumeNode) -> np.ndarray:
-    matrix = vtk.vtkMatrix4x4()
-    volumeNode.GetIJKToRASMatrix(matrix)
-    return slicer.util.arrayFromVTKMatrix(matrix)
-
-
-def _readArray(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    # Read outside the scene: the label map only passes through on its way into a segmentation.
-    node = slicer.vtkMRMLScalarVolumeNode()
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(path))
-    if not storage.ReadData(node):
-        raise RuntimeError(_("Could not read the prediction {path}.").format(path=path))
-    return mrml_bridge.volume_to_array(node)
-
-
-def _remaining(etaSeconds: float | None) -> str:
-    if not etaSeconds or etaSeconds <= 0:
-        return ""
-    if etaSeconds < 60:
-        return _(", less than a minute left")
-    return _(", about {minutes} min left").format(minutes=round(etaSeconds / 60))
-
-
-def _lastLine(log: str) -> str:
-    lines = [line for line in log.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
-def missingDependencies() -> tuple[bool, list[str]]:
-    """(torch or torchvision missing, pip requirements missing), checked without importing them."""
-    torchMissing = any(importlib.util.find_spec(name) is None for name in ("torch", "torchvision"))
-    missing = [req for name, req in PIP_REQUIREMENTS if importlib.util.find_spec(name) is None]
-    return torchMissing, missing
-
-
-def ensureDependencies() -> None:
-    """Installs what the engine needs, after one confirmation that lists all of it.
-
-    Called when the engine is first needed, never on import. PyTorch comes from the PyTorch
-    extension (its PyTorch Utils module installs the build that matches the GPU driver); without
-    that extension the user is told to install it. In testing mode nothing is asked.
-    """
-    torchMissing, pipMissing = missingDependencies()
-    if not torchMissing and not pipMissing:
-        return
-    if torchMissing and not hasattr(slicer.modules, "pytorchutils"):
-        raise RuntimeError(
-            _(
-                "MedTL needs PyTorch. Install the 'PyTorch' extension from the Extensions Manager"
-                " and restart Slicer; MedTL then installs PyTorch through its 'PyTorch Utils' module"
-                " (or install it there yourself)."
-            )
-        )
-    items = ([_("PyTorch and torchvision (through PyTorch Utils)")] if torchMissing else []) + pipMissing
-    if not slicer.app.testingEnabled():
-        message = _(
-            "MedTL needs these Python packages, which will now be downloaded and installed"
-            " (this may take several minutes):\n\n{items}"
-        ).format(items="\n".join(f"  - {item}" for item in items))
-        if not slicer.util.confirmOkCancelDisplay(message, windowTitle=_("MedTL: install packages")):
-            raise RuntimeError(_("MedTL cannot run without these packages: {items}").format(items=", ".join(items)))
-    # torch first: monai's requirements would otherwise pull a generic torch build from PyPI.
-    if torchMissing:
-        import PyTorchUtils
-
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-            raise RuntimeError(_("PyTorch was not installed."))
-    if pipMissing:
-        _pipInstall(pipMissing)
-    importlib.invalidate_caches()
-
-
-def _pipInstall(requirements: list[str]) -> None:
-    """pip-installs requirements with Slicer's helpers, newest API first."""
-    from packaging.requirements import Requirement
-
-    for moduleName in ("slicer.pydeps", "slicer.packaging"):
-        try:
-            pipEnsure = importlib.import_module(moduleName).pip_ensure
-        except (ImportError, AttributeError):
-            continue
-        # Already confirmed (or testing): no second dialog, and install even in testing mode.
-        pipEnsure(
-            [Requirement(r) for r in requirements],
-            prompt_install=False,
-            requester="MedTL",
-            skip_in_testing=False,
-        )
-        return
-    slicer.util.pip_install(" ".join(requirements))
 
 
 #
@@ -818,77 +375,104 @@ def _pipInstall(requirements: list[str]) -> None:
 
 
 class MedTLExtensionTest(ScriptedLoadableModuleTest):
-    """Learns from 3 painted slices of a synthetic sphere on the CPU and checks the prediction."""
+    """The whole loop on a small synthetic volume, on the CPU: paint 3 slices, learn, correct a slice,
+    learn again, accept; then apply the learned package with a probability overlay.
 
-    SHAPE_KJI = (16, 64, 64)
-    PAINTED_SLICES = (3, 8, 12)
+    From random weights (a test must not download ImageNet weights): 10 epochs of 16 steps, which
+    measured 37 s on a 2-core CPU with Dice 0.997 on the unpainted slices (``pytest`` runs the same
+    loop headless with ImageNet weights in Testing/tests/test_slice_learning.py).
+    """
+
+    SHAPE_KJI = (12, 64, 64)
+    PAINTED_SLICES = (2, 6, 9)
+    OPTIONS = LearningOptions(epochs=10, steps_per_epoch=16, batch_size=4, device="cpu", pretrained="none")
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
         self.setUp()
-        self.test_LearnFromSlices()
+        self.test_LearnReviewAcceptApply()
 
-    def makeSphereScene(self) -> tuple[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, np.ndarray]:
-        k, j, i = np.indices(self.SHAPE_KJI)
-        # Anisotropic voxels (2.5 mm slices) as in a clinical scan; the sphere is round in mm.
-        radius = np.sqrt(((k - 8) * 2.5) ** 2 + (j - 32.0) ** 2 + (i - 30.0) ** 2)
-        sphere = radius < 16.0
-        rng = np.random.default_rng(0)
-        image = np.where(sphere, 200.0, 20.0) + rng.normal(0.0, 10.0, self.SHAPE_KJI)
-        ijkToRas = np.diag([1.0, 1.0, 2.5, 1.0])
-        ijkToRas[:3, 3] = (-32.0, -32.0, -20.0)
-        volume = mrml_bridge.array_to_volume(slicer.mrmlScene, image.astype(np.float32), ijkToRas, "MedTLSphere")
-
+    def makeScene(self) -> tuple[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, np.ndarray]:
+        k, j, i = np.indices(self.SHAPE_KJI, dtype=float)
+        # Anisotropic voxels (2.5 mm slices) as in a clinical scan; the shapes are round in mm.
+        organ = ((k - 6) * 2.5 / 20) ** 2 + ((j - 32) / 20) ** 2 + ((i - 30) / 22) ** 2 < 1
+        lesion = ((k - 6) * 2.5 / 9) ** 2 + ((j - 30) / 8) ** 2 + ((i - 36) / 8) ** 2 < 1
+        truth = np.where(lesion, 2, np.where(organ, 1, 0)).astype(np.uint8)
+        image = np.select([truth == 2, truth == 1], [40.0, 160.0], -90.0)
+        image += np.random.default_rng(0).normal(0.0, 12.0, self.SHAPE_KJI)
+        ijkToRas = np.diag([0.8, 0.8, 2.5, 1.0])
+        ijkToRas[:3, 3] = (-25.0, -25.0, -15.0)
+        volume = mrml_bridge.array_to_volume(slicer.mrmlScene, image.astype(np.float32), ijkToRas, "MedTLPhantom")
+        volume.CreateDefaultDisplayNodes()
+        volume.GetDisplayNode().AutoWindowLevelOff()
+        volume.GetDisplayNode().SetWindowLevel(400, 40)
         painted = np.zeros(self.SHAPE_KJI, dtype=np.uint8)
-        for index in self.PAINTED_SLICES:
-            painted[index] = sphere[index]
+        painted[list(self.PAINTED_SLICES)] = truth[list(self.PAINTED_SLICES)]
         segmentation = mrml_bridge.labelmap_to_segmentation(
             slicer.mrmlScene,
             slicer.modules.segmentations.logic(),
             painted,
             ijkToRas,
-            [(1, "sphere", (0.9, 0.3, 0.2))],
+            [(1, "organ", (0.9, 0.5, 0.3)), (2, "lesion", (0.2, 0.8, 0.3))],
             reference_volume=volume,
-            name="MedTLSphere painted",
+            name="MedTLPhantom painted",
         )
-        return volume, segmentation, sphere
+        return volume, segmentation, truth
 
-    def test_LearnFromSlices(self) -> None:
-        import tempfile
+    def labels(self, node, volume) -> np.ndarray:
+        return mrml_bridge.segmentation_to_labelmap(
+            slicer.mrmlScene, slicer.modules.segmentations.logic(), node, volume
+        )[0]
 
-        self.delayDisplay("Learning from 3 painted slices of a synthetic sphere")
-        volume, painted, sphere = self.makeSphereScene()
+    def test_LearnReviewAcceptApply(self) -> None:
+        self.delayDisplay("Learning from 3 painted slices of a synthetic volume")
+        ensureDependencies()
+        volume, painted, truth = self.makeScene()
         logic = MedTLExtensionLogic(workRoot=Path(tempfile.mkdtemp(prefix="MedTLSelfTest-")))
-        before, _segments = mrml_bridge.segmentation_to_labelmap(
-            slicer.mrmlScene, logic.segmentationsLogic, painted, volume
-        )
-        segmentationsBefore = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+        learner = logic.learner
+        before = self.labels(painted, volume)
+        unpainted = [k for k in range(self.SHAPE_KJI[0]) if k not in self.PAINTED_SLICES]
 
-        logic.ensureDependencies()
-        # A tiny budget from random weights: no download, a few seconds on a CPU.
-        logic.startLearning(volume, painted, epochs=4, device="cpu", pretrained="none", stepsPerEpoch=8)
-        result = logic.runToCompletion(timeoutSeconds=600)
-
-        self.assertIsNotNone(result)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), segmentationsBefore + 1)
-        self.assertNotEqual(result.GetID(), painted.GetID())
-        predicted, segments = mrml_bridge.segmentation_to_labelmap(
-            slicer.mrmlScene, logic.segmentationsLogic, result, volume
-        )
-        self.assertEqual([name for _value, name, _color in segments], ["sphere"])
-        unpainted = [index for index in range(self.SHAPE_KJI[0]) if index not in self.PAINTED_SLICES]
-        truth = sphere[unpainted]
-        guess = predicted[unpainted] == segments[0][0]
-        dice = 2.0 * np.logical_and(truth, guess).sum() / (truth.sum() + guess.sum())
+        learner.start_learning(volume, painted, self.OPTIONS)
+        prediction = learner.run_to_completion(timeout_s=600, idle=slicer.app.processEvents)
+        self.assertIsNotNone(prediction)
+        self.assertIs(learner.under_review, prediction)
+        predicted = self.labels(prediction, volume)
+        guess, expected = predicted[unpainted] > 0, truth[unpainted] > 0
+        dice = 2.0 * np.logical_and(guess, expected).sum() / (guess.sum() + expected.sum())
         self.delayDisplay(f"Dice on unpainted slices: {dice:.3f}")
-        self.assertGreater(dice, 0.5)
+        self.assertGreater(dice, 0.8)
+        np.testing.assert_array_equal(self.labels(painted, volume), before, err_msg="the user's paint was modified")
 
-        after, _segments = mrml_bridge.segmentation_to_labelmap(
-            slicer.mrmlScene, logic.segmentationsLogic, painted, volume
+        self.delayDisplay("Correcting slice 4 and learning again from the last model")
+        corrected = predicted.copy()
+        corrected[4] = truth[4]
+        mrml_bridge.labelmap_to_segmentation(
+            slicer.mrmlScene,
+            slicer.modules.segmentations.logic(),
+            corrected,
+            mrml_bridge.ijk_to_ras_of(volume),
+            [(1, "organ", (0.9, 0.5, 0.3)), (2, "lesion", (0.2, 0.8, 0.3))],
+            reference_volume=volume,
+            node=prediction,
         )
-        np.testing.assert_array_equal(after, before, err_msg="the user's segmentation was modified")
-        self.assertIsNotNone(logic.lastPackage)
-        self.assertTrue((logic.lastPackage / PACKAGE_MANIFEST).is_file())
+        self.assertEqual(learner.labelled_slices(volume, painted)[3], {4})
+        learner.start_learning(volume, painted, LearningOptions(**{**self.OPTIONS.__dict__, "epochs": 2}))
+        self.assertIs(learner.run_to_completion(timeout_s=600, idle=slicer.app.processEvents), prediction)
+        self.assertEqual(learner.rounds, 2)
+
+        learner.accept()
+        merged = self.labels(painted, volume)
+        np.testing.assert_array_equal(merged[list(self.PAINTED_SLICES)], before[list(self.PAINTED_SLICES)])
+        self.assertTrue(merged[unpainted].any())
+        self.assertIsNone(slicer.mrmlScene.GetNodeByID(prediction.GetID()))
+
+        self.delayDisplay("Applying the learned package with a probability overlay")
+        learner.start_apply(volume, learner.last_package, device="cpu", probabilities=True)
+        applied = learner.run_to_completion(timeout_s=600, idle=slicer.app.processEvents)
+        self.assertIsNotNone(applied)
+        probability = slicer.util.arrayFromVolume(learner.probability_volume)
+        self.assertGreater(probability[truth > 0].mean(), 0.8)
         self.delayDisplay("Test passed")

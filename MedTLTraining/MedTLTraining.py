@@ -1,22 +1,31 @@
-"""MedTL Training: fine-tune a pretrained network on a dataset CSV, with live progress, cancel and resume.
+"""MedTL Training: fine-tune a pretrained network on the scene's segmentations or a data set on disk,
+with live curves, cancel and resume.
 
-The module writes a run configuration (``medtl.config.RunConfig`` as JSON) into the run directory
-and runs ``python -m medtl train CONFIG`` as a separate process; the engine itself lives next to
-this file in ``medtl/`` and is never imported into Slicer's process.
+The thin GUI layer: widgets bound to a parameter node. The run itself is
+``MedTLExtensionLib.training_run.TrainingRun`` (config, engine process, curves and metrics as MRML
+tables), which needs no Qt and is tested headless; the engine (``medtl/`` beside this file) runs as
+a separate process and is never imported into Slicer's process.
 """
 
-import json
-import logging
-import os
 import tempfile
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import qt
 import slicer
 import vtk
-from MedTLExtensionLib.engine_process import EngineRun
+from MedTLExtensionLib import training_run
+from MedTLExtensionLib.engine_process import describe_event
+from MedTLExtensionLib.training_run import (
+    AUGMENTATIONS,
+    DEVICES,
+    LOSSES,
+    NETWORKS_2D,
+    NETWORKS_3D,
+    PRESETS,
+    STRATEGIES,
+    TrainingRun,
+)
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, Decimals, SingleStep, WithinRange, parameterNodeWrapper
@@ -27,31 +36,6 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-
-# The engine's model registry (``medtl models``), by dimension. Listed here because importing the
-# registry would import torch into Slicer's process.
-NETWORKS_2D = (
-    "unet_mobilenet_v2",
-    "unet_resnet18",
-    "unet_resnet34",
-    "unet_resnet50",
-    "unet_densenet121",
-    "unet_efficientnet_b0",
-)
-NETWORKS_3D = (
-    "unet3d_resnet10",
-    "unet3d_resnet18",
-    "unet3d_resnet34",
-    "unet3d_resnet50",
-    "unet3d",
-    "segresnet3d",
-)
-STRATEGIES = ("feature_extraction", "full_finetune", "feature_extraction_then_finetune")
-DEVICES = ("auto", "cpu", "cuda")
-
-CONFIG_NAME = "config.json"
-CHECKPOINT_NAME = "checkpoint.pt"
-
 
 #
 # MedTLTraining
@@ -66,8 +50,9 @@ class MedTLTraining(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedTL team"]
         self.parent.helpText = _(
-            "Fine-tune a pretrained 2D or 3D network on a dataset: a CSV with one row per case"
-            " (<i>image</i>, <i>label</i>, and free columns such as <i>site</i>). Training runs in a"
+            "Fine-tune a pretrained 2D or 3D network on volumes and segmentations of the scene, or on a"
+            " data set on disk: a CSV with one row per case (<i>image</i>, <i>label</i>, and free columns"
+            " such as <i>site</i>) or a folder of images and labels. Training runs in a"
             " separate process; <b>Cancel</b> keeps the last checkpoint and <b>Resume</b> continues"
             " from it. The run directory receives the configuration, checkpoints, metrics and the"
             " model package that the MedTL module applies."
@@ -82,35 +67,40 @@ class MedTLTraining(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class MedTLTrainingParameterNode:
-    """Training choices; saved with the scene.
+    """Training choices; saved with the scene. The defaults make a first run need no choice.
 
-    trainingCsv - dataset CSV (image, label, free columns).
+    dataSource - "scene" (ticked volume + segmentation pairs) or "files" (dataPath).
+    dataPath - data set CSV (image, label, free columns) or a folder of images and labels.
+    groupColumn - CSV column whose groups never straddle the validation split (e.g. site).
+    valFraction - share of cases (or groups) held out for validation.
     outputDirectory - run directory (config, checkpoints, events, metrics, model package).
     network - network from the engine's registry.
+    pretrained - "imagenet", "none" or "file" (weightsFile).
+    weightsFile - state dict, checkpoint or model package to start from.
     strategy - how the pretrained encoder is trained.
+    preset - intensity preset ("auto" reads it from the data).
+    augmentation - augmentation level.
+    loss - training loss.
     epochs - training epochs.
     learningRate - peak learning rate.
     device - "auto", "cpu" or "cuda".
     """
 
-    trainingCsv: Path
+    dataSource: Annotated[str, Choice(("scene", "files"))] = "scene"
+    dataPath: Path
+    groupColumn: str = ""
+    valFraction: Annotated[float, WithinRange(0.0, 0.5), Decimals(2), SingleStep(0.05)] = 0.2
     outputDirectory: Path
     network: Annotated[str, Choice(NETWORKS_2D + NETWORKS_3D)] = "unet_mobilenet_v2"
+    pretrained: Annotated[str, Choice(("imagenet", "none", "file"))] = "imagenet"
+    weightsFile: Path
     strategy: Annotated[str, Choice(STRATEGIES)] = "feature_extraction_then_finetune"
+    preset: Annotated[str, Choice(PRESETS)] = "auto"
+    augmentation: Annotated[str, Choice(AUGMENTATIONS)] = "light"
+    loss: Annotated[str, Choice(LOSSES)] = "dice_ce"
     epochs: Annotated[int, WithinRange(1, 1000)] = 30
     learningRate: Annotated[float, WithinRange(1e-6, 1.0), Decimals(6), SingleStep(1e-4)] = 1e-3
     device: Annotated[str, Choice(DEVICES)] = "auto"
-
-
-# Starts ``medtl <args>``; the logic takes another one in tests.
-EngineFactory = Callable[[Sequence[str]], EngineRun]
-
-
-def _defaultEngineFactory(args: Sequence[str]) -> EngineRun:
-    # The MedTL module (same extension) knows how to start the engine inside Slicer.
-    import MedTLExtension
-
-    return MedTLExtension.startEngine(args)
 
 
 def _isSet(path: Path | str | None) -> bool:
@@ -133,10 +123,10 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode: MedTLTrainingParameterNode | None = None
         self._parameterNodeGuiTag = None
         self._pollTimer: qt.QTimer | None = None
+        self._pairs: list = []
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedTLTraining.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -147,9 +137,13 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
+        self.ui.pairsTable.setHorizontalHeaderLabels([_("Use"), _("Volume / segmentation"), _("Site")])
+        self.ui.pairsTable.horizontalHeader().setStretchLastSection(True)
+        self.ui.refreshPairsButton.connect("clicked(bool)", self.refreshPairs)
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.openReportButton.connect("clicked(bool)", self.onOpenReportButton)
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.hide()
 
@@ -158,16 +152,18 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.connect("timeout()", self.onPollTimer)
 
         self.initializeParameterNode()
+        self.refreshPairs()
 
     def cleanup(self) -> None:
         if self._pollTimer is not None:
             self._pollTimer.stop()
         if self.logic is not None:
-            self.logic.cancel()
+            self.logic.run.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.refreshPairs()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -184,6 +180,8 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
+        if not _isSet(self._parameterNode.outputDirectory):
+            self._parameterNode.outputDirectory = Path(slicer.app.defaultScenePath) / "MedTL" / "training"
 
     def setParameterNode(self, inputParameterNode: MedTLTrainingParameterNode | None) -> None:
         if self._parameterNode:
@@ -195,55 +193,93 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
         self._updateButtons()
 
+    def refreshPairs(self) -> None:
+        """Lists the scene's segmentations with their reference volumes, all ticked."""
+        self._pairs = training_run.scene_training_pairs(slicer.mrmlScene)
+        table = self.ui.pairsTable
+        table.setRowCount(len(self._pairs))
+        for row, (volume, segmentation) in enumerate(self._pairs):
+            use = qt.QTableWidgetItem()
+            use.setCheckState(qt.Qt.Checked)
+            table.setItem(row, 0, use)
+            name = qt.QTableWidgetItem(f"{volume.GetName()} / {segmentation.GetName()}")
+            name.setFlags(qt.Qt.ItemIsEnabled)
+            table.setItem(row, 1, name)
+            table.setItem(row, 2, qt.QTableWidgetItem(""))
+        self._updateButtons()
+
+    def _chosenPairs(self) -> list:
+        table = self.ui.pairsTable
+        return [
+            (volume, segmentation, table.item(row, 2).text().strip())
+            for row, (volume, segmentation) in enumerate(self._pairs)
+            if table.item(row, 0).checkState() == qt.Qt.Checked
+        ]
+
     def _updateButtons(self, caller=None, event=None) -> None:
-        running = self.logic is not None and self.logic.isRunning
+        running = self.logic is not None and self.logic.run.is_running
         node = self._parameterNode
-        ready = bool(node) and _isSet(node.trainingCsv) and _isSet(node.outputDirectory)
+        fromScene = bool(node) and node.dataSource == "scene"
+        self.ui.pairsTable.visible = self.ui.refreshPairsButton.visible = fromScene
+        self.ui.dataPathPathLineEdit.visible = self.ui.dataPathLabel.visible = not fromScene
+        self.ui.weightsFilePathLineEdit.enabled = bool(node) and node.pretrained == "file"
+        hasData = bool(self._pairs) if fromScene else bool(node) and _isSet(node.dataPath)
+        ready = bool(node) and hasData and _isSet(node.outputDirectory)
         self.ui.startButton.enabled = ready and not running
-        self.ui.resumeButton.enabled = bool(node) and not running and self.logic.canResume(node.outputDirectory)
+        self.ui.resumeButton.enabled = bool(node) and not running and training_run.can_resume(node.outputDirectory)
         self.ui.cancelButton.enabled = running
+        self.ui.openReportButton.enabled = self.logic is not None and self.logic.reportPath() is not None
 
     def onStartButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
             p = self._parameterNode
-            if self.logic.canResume(p.outputDirectory) and not slicer.util.confirmYesNoDisplay(
+            if training_run.can_resume(p.outputDirectory) and not slicer.util.confirmYesNoDisplay(
                 _("{dir} already holds a run. Start a new run there (its checkpoint is replaced)?").format(
                     dir=p.outputDirectory
                 )
             ):
                 return
-            self.logic.ensureDependencies()
-            configPath = self.logic.start(
-                trainingCsv=p.trainingCsv,
-                outputDirectory=p.outputDirectory,
-                network=p.network,
-                strategy=p.strategy,
-                epochs=p.epochs,
-                learningRate=p.learningRate,
-                device=p.device,
-            )
-            self._onJobStarted(_("Starting training ({config})...").format(config=configPath))
+            import MedTLExtension
+
+            MedTLExtension.ensureDependencies()
+            config = self.logic.buildConfig(p, self._chosenPairs(), device=MedTLExtension.checkDevice(p.device))
+            self.logic.run.start(config)
+            self._onJobStarted(_("Starting training in {dir}...").format(dir=config["output_dir"]))
 
     def onResumeButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not resume training."), waitCursor=True):
-            self.logic.ensureDependencies()
-            self.logic.resume(self._parameterNode.outputDirectory, device=self._parameterNode.device)
+            import MedTLExtension
+
+            MedTLExtension.ensureDependencies()
+            device = MedTLExtension.checkDevice(self._parameterNode.device)
+            self.logic.run.resume(self._parameterNode.outputDirectory, device=device)
             self._onJobStarted(_("Resuming from the last checkpoint..."))
 
     def onCancelButton(self) -> None:
-        self.logic.cancel()
+        self.logic.run.cancel()
+
+    def onOpenReportButton(self) -> None:
+        report = self.logic.reportPath()
+        if report is not None:
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(report)))
 
     def _onJobStarted(self, message: str) -> None:
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self.ui.statusLabel.text = message
+        # The curves fill in as epochs end, in the layout's plot view.
+        slicer.modules.plots.logic().ShowChartInLayout(self.logic.run.curves.chart)
         self._pollTimer.start()
         self._updateButtons()
 
     def onPollTimer(self) -> None:
+        run = self.logic.run
         try:
-            for event in self.logic.poll():
-                progress, text = self.logic.describeEvent(event)
+            for event in run.poll():
+                if event.get("event") == "cancelled":
+                    self.ui.statusLabel.text = _("Cancelled. The last checkpoint is kept: Resume continues from it.")
+                    continue
+                progress, text = describe_event(event)
                 if progress is not None:
                     self.ui.progressBar.value = progress
                 if text:
@@ -252,11 +288,18 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pollTimer.stop()
             self.ui.statusLabel.text = _("Failed: {message}").format(message=error)
             self._updateButtons()
-            slicer.util.errorDisplay(str(error), detailedText=self.logic.lastLog)
+            slicer.util.errorDisplay(str(error), detailedText=run.last_log)
             return
-        if not self.logic.isRunning:
-            self._pollTimer.stop()
-            self._updateButtons()
+        if run.is_running:
+            return
+        self._pollTimer.stop()
+        if run.result is not None:
+            self.ui.progressBar.value = 100
+            table = self.logic.showMetrics()
+            self.ui.statusLabel.text = _("Done. Model package: {package} (metrics in the table '{table}').").format(
+                package=run.result.get("package"), table=table.GetName()
+            )
+        self._updateButtons()
 
 
 #
@@ -265,256 +308,72 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class MedTLTrainingLogic(ScriptedLoadableModuleLogic):
-    """Writes run configurations and runs ``medtl train`` in a separate process.
+    """Builds the run configuration from the panel's choices and holds the :class:`TrainingRun`.
 
     Example (Python console)::
 
-        logic = MedTLTrainingLogic()
-        logic.start(trainingCsv="/data/liver.csv", outputDirectory="/runs/liver", epochs=5, device="cpu")
-        while logic.isRunning:
-            print(logic.poll()); time.sleep(1)
+        logic = slicer.util.getModuleLogic("MedTLTraining")
+        config = training_run.training_config(csv="/data/liver.csv", output_dir="/runs/liver", epochs=5)
+        logic.run.start(config)
+        while logic.run.is_running:
+            logic.run.poll(); slicer.app.processEvents(); time.sleep(0.5)
     """
 
-    def __init__(self, engineFactory: EngineFactory | None = None) -> None:
+    def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.engineFactory: EngineFactory = engineFactory or _defaultEngineFactory
-        self._process: EngineRun | None = None
-        self._runDir: Path | None = None
-        self._cancelled = False
-        self._error: str | None = None
-        self.lastResult: dict[str, Any] | None = None
-        self.lastLog = ""
+        self.run = TrainingRun(slicer.mrmlScene)
 
     def getParameterNode(self) -> MedTLTrainingParameterNode:
         return MedTLTrainingParameterNode(super().getParameterNode())
 
-    @property
-    def isRunning(self) -> bool:
-        return self._process is not None
-
     @staticmethod
-    def ensureDependencies() -> None:
-        """Installs what the engine needs (one confirmation); the MedTL module owns that check."""
-        import MedTLExtension
-
-        MedTLExtension.ensureDependencies()
-
-    @staticmethod
-    def canResume(outputDirectory: Path | str | None) -> bool:
-        """True when the directory holds a run that was started (a config and a checkpoint)."""
-        if not _isSet(outputDirectory):
-            return False
-        runDir = Path(outputDirectory)
-        return (runDir / CONFIG_NAME).is_file() and (runDir / CHECKPOINT_NAME).is_file()
-
-    # ------------------------------------------------------------------ config
-
-    @staticmethod
-    def buildConfig(
-        *,
-        trainingCsv: Path | str,
-        outputDirectory: Path | str,
-        network: str = "unet_mobilenet_v2",
-        strategy: str = "feature_extraction_then_finetune",
-        epochs: int = 30,
-        learningRate: float = 1e-3,
-        device: str = "auto",
-        labelNames: list[str] | None = None,
-        preset: str | None = None,
-    ) -> dict[str, Any]:
-        """The run configuration (``medtl.config.RunConfig`` as JSON) for the panel's choices.
-
-        ``labelNames`` and ``preset`` are read from the dataset's first case when not given.
-        """
-        if network not in NETWORKS_2D + NETWORKS_3D:
-            raise ValueError(_("Unknown network '{name}'.").format(name=network))
-        if strategy not in STRATEGIES:
-            raise ValueError(_("Unknown strategy '{name}'.").format(name=strategy))
-        if device not in DEVICES:
-            raise ValueError(_("Unknown device '{name}'.").format(name=device))
-        trainingCsv = Path(trainingCsv)
-        if not trainingCsv.is_file():
-            raise ValueError(_("The training CSV '{path}' does not exist.").format(path=trainingCsv))
-        if not _isSet(outputDirectory):
+    def buildConfig(p: MedTLTrainingParameterNode, scenePairs: list, device: str | None = None) -> dict:
+        """The run configuration; scene pairs are first written as a data set in the run directory."""
+        if not _isSet(p.outputDirectory):
             raise ValueError(_("Choose a run directory."))
-        if labelNames is None or preset is None:
-            foundNames, foundPreset = describeDataset(trainingCsv)
-            labelNames = labelNames or foundNames
-            preset = preset or foundPreset
-        is3D = network in NETWORKS_3D
-        strategyConfig: dict[str, Any] = {"name": strategy}
-        if strategy == "feature_extraction_then_finetune":
-            strategyConfig["feature_extraction_epochs"] = max(1, int(epochs) // 3)
-        return {
-            "task": "segmentation_3d" if is3D else "segmentation_2d",
-            "data": {"csv": str(trainingCsv.resolve()), "label_names": labelNames, "val_fraction": 0.2},
-            "preprocessing": {"preset": preset, "patch_size": [96, 96, 96] if is3D else [128, 128]},
-            # The 3D encoders' MedicalNet weights are files the user names; ImageNet is 2D only.
-            "model": {"name": network, "pretrained": "none" if is3D else "imagenet"},
-            "strategy": strategyConfig,
-            "optim": {"lr": float(learningRate)},
-            "train": {"epochs": int(epochs), "device": device},
-            "output_dir": str(Path(outputDirectory).resolve()),
-        }
-
-    def writeConfig(self, **choices: Any) -> Path:
-        """Writes ``config.json`` into the run directory (atomically) and returns its path."""
-        config = self.buildConfig(**choices)
-        runDir = Path(config["output_dir"])
-        runDir.mkdir(parents=True, exist_ok=True)
-        configPath = runDir / CONFIG_NAME
-        # Write then rename, so an interrupted write never leaves a half config behind.
-        with tempfile.NamedTemporaryFile("w", dir=runDir, suffix=".tmp", delete=False, encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-        os.replace(f.name, configPath)
-        return configPath
-
-    # ------------------------------------------------------------------ runs
-
-    def start(self, **choices: Any) -> Path:
-        """Writes the run configuration and starts ``medtl train``; returns the config path."""
-        self._checkIdle()
-        configPath = self.writeConfig(**choices)
-        self._launch(["train", str(configPath), "--events", "-"], configPath.parent)
-        return configPath
-
-    def resume(self, outputDirectory: Path | str, device: str | None = None) -> None:
-        """Continues the run in ``outputDirectory`` from its last checkpoint."""
-        self._checkIdle()
-        if not self.canResume(outputDirectory):
-            raise ValueError(
-                _("'{dir}' holds no run to resume (it needs {config} and {checkpoint}).").format(
-                    dir=outputDirectory, config=CONFIG_NAME, checkpoint=CHECKPOINT_NAME
-                )
+        runDir = Path(p.outputDirectory)
+        labelNames = None
+        if p.dataSource == "scene":
+            csv, labelNames = training_run.export_scene_dataset(
+                slicer.mrmlScene, slicer.modules.segmentations.logic(), scenePairs, runDir / "data"
             )
-        runDir = Path(outputDirectory)
-        args = ["train", str(runDir / CONFIG_NAME), "--resume", "--events", "-"]
-        if device:
-            args += ["--device", device]
-        self._launch(args, runDir)
+        elif _isSet(p.dataPath) and Path(p.dataPath).is_dir():
+            csv = training_run.dataset_csv_from_folder(p.dataPath, runDir / "dataset.csv")
+        else:
+            csv = p.dataPath
+        return training_run.training_config(
+            csv=csv,
+            output_dir=runDir,
+            label_names=labelNames,
+            network=p.network,
+            pretrained=p.pretrained,
+            weights_file=p.weightsFile if _isSet(p.weightsFile) else None,
+            strategy=p.strategy,
+            preset=p.preset,
+            augmentation=p.augmentation,
+            loss=p.loss,
+            epochs=p.epochs,
+            learning_rate=p.learningRate,
+            device=device or p.device,
+            val_fraction=p.valFraction,
+            group_column=p.groupColumn.strip(),
+        )
 
-    def cancel(self) -> None:
-        """Stops training; the last checkpoint stays, so the run can be resumed."""
-        if self._process is not None:
-            self._cancelled = True
-            self._process.cancel()
+    def showMetrics(self):
+        """The finished run's metrics as a table node, shown in the layout's table view."""
+        table = training_run.metrics_table(slicer.mrmlScene, self.run.result.get("metrics") or {})
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+        return table
 
-    def poll(self) -> list[dict[str, Any]]:
-        """New engine events, plus ``cancelled`` when a cancel finished; raises if training failed."""
-        process = self._process
-        if process is None:
-            return []
-        finished = process.returncode is not None
-        events = process.poll()
-        for event in events:
-            if event.get("event") == "error":
-                self._error = event.get("message")
-            elif event.get("event") == "done":
-                self.lastResult = event
-        if not finished:
-            return events
-        self._process = None
-        self.lastLog = getattr(process, "log", "")
-        if self._cancelled:
-            return [*events, {"event": "cancelled"}]
-        if process.returncode != 0:
-            raise RuntimeError(
-                self._error
-                or getattr(process, "error_message", None)
-                or _("Training stopped with exit status {code}; see the log in {dir}.").format(
-                    code=process.returncode, dir=self._runDir
-                )
-            )
-        return events
-
-    @staticmethod
-    def describeEvent(event: dict[str, Any]) -> tuple[int | None, str]:
-        """Progress (0-100, or None to leave as is) and a status line for one event."""
-        kind = event.get("event")
-        if kind == "epoch":
-            total = event.get("total_steps") or 0
-            progress = int(100 * event.get("step", 0) / total) if total else None
-            text = _("Epoch {epoch}/{epochs}, loss {loss:.4f}").format(
-                epoch=event.get("epoch", "?"),
-                epochs=event.get("epochs", "?"),
-                loss=float(event.get("loss", float("nan"))),
-            )
-            text += _remaining(event.get("eta_s"))
-            return progress, text
-        if kind == "start":
-            return 0, _("Training on {device}...").format(device=event.get("device", "?"))
-        if kind == "phase":
-            return None, str(event.get("name", ""))
-        if kind in ("warning", "message"):
-            return None, str(event.get("message", ""))
-        if kind == "checkpoint":
-            return None, _("Checkpoint saved (epoch {epoch}).").format(epoch=event.get("epoch", "?"))
-        if kind == "done":
-            dice = (event.get("metrics") or {}).get("val_dice")
-            text = _("Done. Model package: {package}").format(package=event.get("package", "?"))
-            if dice:
-                text += "\n" + _("Validation Dice: {scores}").format(
-                    scores=", ".join(f"{name} {value:.3f}" for name, value in dice.items())
-                )
-            return 100, text
-        if kind == "cancelled":
-            return None, _("Cancelled. The last checkpoint is kept: Resume continues from it.")
-        if kind == "error":
-            return None, _("Error: {message}").format(message=event.get("message", ""))
-        return None, ""
-
-    def _checkIdle(self) -> None:
-        if self._process is not None:
-            raise RuntimeError(_("Training is already running; cancel it or wait for it to finish."))
-
-    def _launch(self, args: list[str], runDir: Path) -> None:
-        process = self.engineFactory(args)
-        self._process, self._runDir = process, runDir
-        self._cancelled, self._error, self.lastResult = False, None, None
-        logging.info(f"MedTL Training: started medtl {' '.join(args)}")
-
-
-def describeDataset(trainingCsv: Path) -> tuple[list[str], str]:
-    """Label names and an intensity preset, read from the first labelled case of a dataset CSV.
-
-    Names come from a ``.seg.nrrd`` header when the label is one, else "label 1".."label N" for
-    the largest value N. CT (air at about -1000 HU) gets the abdominal window, anything else
-    per-image percentiles. The engine checks every other case against these.
-    """
-    import SimpleITK as sitk  # bundled with Slicer; only needed when a run is configured
-
-    # The engine's own dataset and header readers (SimpleITK only, no torch): one set of rules
-    # and error messages for the CSV, here and in the engine.
-    from medtl.data.dataset import load_cases
-    from medtl.data.io import read_segment_names
-
-    case = load_cases(trainingCsv)[0]
-    imagePath, labelPath = case.image, case.label
-    names = read_segment_names(labelPath)
-    if not names:
-        maxValue = int(_intensityRange(sitk, labelPath)[1])
-        names = {value: f"label {value}" for value in range(1, max(1, maxValue) + 1)}
-    labelNames = [names.get(value, f"label {value}") for value in range(1, max(names) + 1)]
-
-    minimum = _intensityRange(sitk, imagePath)[0]
-    preset = "ct_abdomen" if minimum <= -500.0 else "mri"
-    return labelNames, preset
-
-
-def _intensityRange(sitk, path: Path) -> tuple[float, float]:
-    # A filter rather than an array view: a view of a temporary image would outlive its memory.
-    statistics = sitk.MinimumMaximumImageFilter()
-    statistics.Execute(sitk.ReadImage(str(path)))
-    return statistics.GetMinimum(), statistics.GetMaximum()
-
-
-def _remaining(etaSeconds: float | None) -> str:
-    if not etaSeconds or etaSeconds <= 0:
-        return ""
-    if etaSeconds < 60:
-        return _(", less than a minute left")
-    return _(", about {minutes} min left").format(minutes=round(etaSeconds / 60))
+    def reportPath(self) -> Path | None:
+        """The last finished run's report (its training plot), if there is one."""
+        if self.run.result is None or self.run.run_dir is None:
+            return None
+        for name in ("report.html", "training.png"):
+            if (self.run.run_dir / name).is_file():
+                return self.run.run_dir / name
+        return None
 
 
 #
@@ -523,69 +382,63 @@ def _remaining(etaSeconds: float | None) -> str:
 
 
 class MedTLTrainingTest(ScriptedLoadableModuleTest):
-    """The module loads, and the logic writes a run configuration the engine accepts."""
+    """A short run from two volume + segmentation pairs of the scene, on the CPU, from random weights:
+    the curves table fills per epoch and the metrics table is made."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
         self.setUp()
-        self.test_ModuleLoads()
-        self.test_WritesValidConfig()
+        self.test_TrainFromScenePairs()
 
-    def test_ModuleLoads(self) -> None:
-        self.assertTrue(hasattr(slicer.modules, "medtltraining"))
-        parameterNode = MedTLTrainingLogic().getParameterNode()
-        self.assertEqual(parameterNode.network, "unet_mobilenet_v2")
-        self.assertEqual(parameterNode.strategy, "feature_extraction_then_finetune")
-        self.assertEqual(parameterNode.epochs, 30)
+    def test_TrainFromScenePairs(self) -> None:
+        import time
 
-    def test_WritesValidConfig(self) -> None:
         import numpy as np
-        import SimpleITK as sitk
+        from MedTLExtensionLib import mrml_bridge
 
-        folder = Path(tempfile.mkdtemp(prefix="MedTLTrainingTest-"))
-        image = sitk.GetImageFromArray(np.full((4, 32, 32), -1000.0, dtype=np.float32))
-        labels = np.zeros((4, 32, 32), dtype=np.uint8)
-        labels[1, 8:16, 8:16] = 2
-        label = sitk.GetImageFromArray(labels)
-        label.CopyInformation(image)
-        sitk.WriteImage(image, str(folder / "case1.nrrd"))
-        sitk.WriteImage(label, str(folder / "case1_label.nrrd"))
-        (folder / "cases.csv").write_text("image,label,site\ncase1.nrrd,case1_label.nrrd,A\n", encoding="utf-8")
+        import MedTLExtension
 
+        self.delayDisplay("Training from two scene pairs")
+        MedTLExtension.ensureDependencies()
+        rng = np.random.default_rng(0)
+        for index in range(2):
+            j, i = np.indices((48, 48))
+            disc = (j - 20 - 4 * index) ** 2 + (i - 24) ** 2 < 100
+            labels = np.repeat(disc[None], 6, axis=0).astype(np.uint8)
+            image = np.where(labels > 0, 150.0, -90.0) + rng.normal(0, 10, labels.shape)
+            volume = mrml_bridge.array_to_volume(
+                slicer.mrmlScene, image.astype(np.float32), np.diag([0.9, 0.9, 2.5, 1.0]), f"case{index}"
+            )
+            mrml_bridge.labelmap_to_segmentation(
+                slicer.mrmlScene,
+                slicer.modules.segmentations.logic(),
+                labels,
+                np.diag([0.9, 0.9, 2.5, 1.0]),
+                [(1, "disc", (0.9, 0.4, 0.3))],
+                reference_volume=volume,
+            )
         logic = MedTLTrainingLogic()
-        configPath = logic.writeConfig(
-            trainingCsv=folder / "cases.csv",
-            outputDirectory=folder / "run",
-            network="unet_resnet18",
-            strategy="full_finetune",
-            epochs=7,
-            learningRate=5e-4,
-            device="cpu",
-        )
-        self.assertEqual(configPath, (folder / "run" / CONFIG_NAME).resolve())
-        config = json.loads(configPath.read_text(encoding="utf-8"))
-        self.assertEqual(config["task"], "segmentation_2d")
-        self.assertEqual(config["model"], {"name": "unet_resnet18", "pretrained": "imagenet"})
-        self.assertEqual(config["strategy"]["name"], "full_finetune")
-        self.assertEqual(config["train"], {"epochs": 7, "device": "cpu"})
-        self.assertAlmostEqual(config["optim"]["lr"], 5e-4)
-        self.assertEqual(config["data"]["label_names"], ["label 1", "label 2"])
-        self.assertEqual(config["preprocessing"]["preset"], "ct_abdomen")
-        self.assertFalse(logic.canResume(folder / "run"), "a fresh run has no checkpoint to resume")
-
-        # The engine's own validation, where its dependencies are installed in Slicer.
-        try:
-            from medtl.config import RunConfig
-        except ImportError as error:
-            logging.info(f"Skipping the engine's config validation: {error}")
-            return
-        try:
-            cfg = RunConfig.load(configPath)
-        except ImportError as error:  # the registry imports torch and MONAI
-            logging.info(f"Skipping the engine's config validation: {error}")
-            return
-        self.assertEqual(cfg.train.epochs, 7)
-        self.assertEqual(cfg.num_classes, 3)
+        p = logic.getParameterNode()
+        p.outputDirectory = Path(tempfile.mkdtemp(prefix="MedTLTrainingTest-"))
+        p.pretrained, p.epochs, p.device, p.valFraction, p.preset = "none", 2, "cpu", 0.5, "ct_abdomen"
+        pairs = [
+            (v, s, site) for (v, s), site in zip(training_run.scene_training_pairs(slicer.mrmlScene), "AB", strict=True)
+        ]
+        self.assertEqual(len(pairs), 2)
+        config = logic.buildConfig(p, pairs)
+        self.assertEqual(config["data"]["label_names"], ["disc"])
+        config["preprocessing"]["patch_size"] = [32, 32]
+        config["train"].update(steps_per_epoch=3, batch_size=2)
+        logic.run.start(config)
+        while logic.run.is_running:
+            logic.run.poll()
+            slicer.app.processEvents()
+            time.sleep(0.1)
+        self.assertEqual(logic.run.curves.values("epoch"), [1.0, 2.0])
+        self.assertEqual(len(logic.run.curves.values("val Dice disc")), 2)
+        table = logic.showMetrics()
+        self.assertEqual(table.GetCellText(0, 0), "validation Dice: disc")
+        self.assertIsNotNone(logic.reportPath())
         self.delayDisplay("Test passed")
