@@ -1,4 +1,5 @@
-"""Slicer-side library of MedTL: MRML <-> arrays, the engine process, model packages.
+"""Slicer-side library of MedTL: MRML <-> arrays, the engine process, the learn-from-slices loop,
+the training run.
 
 Names are imported on first use, so that modules of this package that do not need MRML
 can be imported where ``slicer`` is not available.
@@ -17,6 +18,12 @@ _EXPORTS = {
     "painted_slices": "mrml_bridge",
     "segmentation_to_labelmap": "mrml_bridge",
     "volume_to_array": "mrml_bridge",
+    "EngineJob": "engine_process",
+    "EngineProcess": "engine_process",
+    "EngineRun": "engine_process",
+    "LearningOptions": "slice_learning",
+    "SliceLearner": "slice_learning",
+    "TrainingRun": "training_run",
     "HeadlessScene": "headless_scene",
     "create_headless_scene": "headless_scene",
 }
