@@ -130,9 +130,6 @@ def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> 
     device = resolve_device(cfg.train.device)
     score, per_case = validation_scorer(val_cases, cfg, device) if val_cases else (None, [])
     result = fit(cfg, training_items(train_cases, cfg), run_dir=run_dir, events=events, resume=resume, validate=score)
-    report = getattr(result.model, "load_report", None)
-    if report is not None and not resume:
-        events.emit("message", message=f"initial weights from {cfg.model.pretrained}: {report.summary()}")
 
     metrics: dict[str, Any] = {
         "train_cases": len(train_cases),

@@ -178,6 +178,9 @@ def fit(
     if model is None:
         torch.manual_seed(cfg.train.seed)  # the new head/decoder's initialisation is part of the run
         model = build_model(cfg.model.name, num_classes=cfg.num_classes, pretrained=cfg.model.pretrained)
+        report = getattr(model, "load_report", None)
+        if report is not None and not resume:
+            events.emit("message", message=f"initial weights from {cfg.model.pretrained}: {report.summary()}")
     model.to(device)
     if device.type == "cuda" and cfg.spatial_dims == 2:
         model.to(memory_format=torch.channels_last)

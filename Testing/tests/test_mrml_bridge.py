@@ -166,9 +166,7 @@ def test_labelmap_segmentation_round_trip_keeps_values_names_colours_and_grid(he
         assert tag_of(segment) == str(value)
     assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is reference_volume
 
-    back, exported = segmentation_to_labelmap(
-        headless.scene, headless.segmentations_logic, node, reference_volume
-    )
+    back, exported = segmentation_to_labelmap(headless.scene, headless.segmentations_logic, node, reference_volume)
     assert back.shape == SHAPE
     np.testing.assert_array_equal(back, labels)
     assert [(value, name) for value, name, _ in exported] == [(value, name) for value, name, _ in SEGMENTS]
@@ -210,9 +208,7 @@ def test_export_numbers_untagged_segments_and_places_a_cropped_segment(headless,
         assert node.GetSegmentation().AddSegment(segment, "")
         painted[k : k + 2, j : j + 3, i : i + 3] = len(segment_ids(node)) - 2
 
-    labels, exported = segmentation_to_labelmap(
-        headless.scene, headless.segmentations_logic, node, reference_volume
-    )
+    labels, exported = segmentation_to_labelmap(headless.scene, headless.segmentations_logic, node, reference_volume)
 
     # Tagged segments keep 2 and 5; the untagged ones get the smallest free values, 1 and 3.
     assert [(value, name) for value, name, _ in exported] == [
@@ -266,13 +262,9 @@ def test_clear_errors_for_bad_input(headless, reference_volume):
     with pytest.raises(ValueError, match="listed twice"):
         labelmap_to_segmentation(headless.scene, logic, labels, matrix, [*SEGMENTS, (2, "again", (1, 0, 0))])
     with pytest.raises(ValueError, match="colour"):
-        labelmap_to_segmentation(
-            headless.scene, logic, labels, matrix, [(2, "liver", (255, 0, 0)), SEGMENTS[1]]
-        )
+        labelmap_to_segmentation(headless.scene, logic, labels, matrix, [(2, "liver", (255, 0, 0)), SEGMENTS[1]])
     with pytest.raises(ValueError, match="differs"):
-        labelmap_to_segmentation(
-            headless.scene, logic, labels, np.eye(4), SEGMENTS, reference_volume=reference_volume
-        )
+        labelmap_to_segmentation(headless.scene, logic, labels, np.eye(4), SEGMENTS, reference_volume=reference_volume)
     # None of the failed calls left a segmentation node behind.
     assert headless.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
@@ -378,9 +370,7 @@ def test_label_values_above_255_survive_up_to_the_maximum(headless, reference_vo
         reference_volume=reference_volume,
     )
 
-    back, exported = segmentation_to_labelmap(
-        headless.scene, headless.segmentations_logic, node, reference_volume
-    )
+    back, exported = segmentation_to_labelmap(headless.scene, headless.segmentations_logic, node, reference_volume)
 
     assert back.dtype == np.int16
     np.testing.assert_array_equal(back, labels)

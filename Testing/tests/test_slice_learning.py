@@ -144,7 +144,11 @@ def test_corrections_are_learned_in_the_next_round_from_the_last_model(session):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"]["pretrained"] == str(first_package)
     assert config["strategy"]["name"] == "full_finetune"
-    result = learner.run_to_completion(timeout_s=600, interval_s=0.05)
+    events = drain(learner)
+    result = learner.result_segmentation
+    assert any(
+        e["event"] == "message" and e["message"].startswith(f"initial weights from {first_package}") for e in events
+    )
     assert result is prediction, "the next round replaces the prediction under review, it adds no node"
     assert h.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == nodes_before
     assert learner.rounds == 2 and learner.last_package != first_package
