@@ -77,11 +77,12 @@ class MedTLTrainingParameterNode:
     network - network from the engine's registry.
     pretrained - "imagenet", "none" or "file" (weightsFile).
     weightsFile - state dict, checkpoint or model package to start from.
-    strategy - how the pretrained encoder is trained.
+    strategy - how the pretrained encoder is trained (medtl.strategies).
     preset - intensity preset ("auto" reads it from the data).
     augmentation - augmentation level.
     loss - training loss.
     epochs - training epochs.
+    earlyStopping - epochs without a better validation score before the run ends (0: never).
     learningRate - peak learning rate.
     device - "auto", "cpu" or "cuda".
     """
@@ -99,6 +100,7 @@ class MedTLTrainingParameterNode:
     augmentation: Annotated[str, Choice(AUGMENTATIONS)] = "light"
     loss: Annotated[str, Choice(LOSSES)] = "dice_ce"
     epochs: Annotated[int, WithinRange(1, 1000)] = 30
+    earlyStopping: Annotated[int, WithinRange(0, 100)] = 0
     learningRate: Annotated[float, WithinRange(1e-6, 1.0), Decimals(6), SingleStep(1e-4)] = 1e-3
     device: Annotated[str, Choice(DEVICES)] = "auto"
 
@@ -357,6 +359,7 @@ class MedTLTrainingLogic(ScriptedLoadableModuleLogic):
             device=device or p.device,
             val_fraction=p.valFraction,
             group_column=p.groupColumn.strip(),
+            early_stopping_patience=p.earlyStopping,
         )
 
     def showMetrics(self):

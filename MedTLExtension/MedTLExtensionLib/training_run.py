@@ -59,11 +59,27 @@ NETWORKS_2D = (
     "unet_densenet121",
     "unet_efficientnet_b0",
 )
-NETWORKS_3D = ("unet3d_resnet10", "unet3d_resnet18", "unet3d_resnet34", "unet3d_resnet50", "unet3d", "segresnet3d")
-STRATEGIES = ("feature_extraction_then_finetune", "feature_extraction", "full_finetune")
-PRESETS = ("auto", "ct_abdomen", "ct_liver", "ct_lung", "ct_bone", "ct_brain", "mri", "none")
-AUGMENTATIONS = ("light", "standard", "none")
-LOSSES = ("dice_ce", "dice", "ce", "focal", "dice_focal")
+NETWORKS_3D = (
+    "unet3d_resnet10",
+    "unet3d_resnet18",
+    "unet3d_resnet34",
+    "unet3d_resnet50",
+    "swinunetr3d",
+    "unet3d",
+    "segresnet3d",
+)
+# Networks with no pretrained encoder: every layer learns from the start, whatever the strategy.
+NO_ENCODER = ("unet3d", "segresnet3d")
+STRATEGIES = (
+    "feature_extraction_then_finetune",
+    "feature_extraction",
+    "full_finetune",
+    "gradual_unfreezing",
+    "discriminative_lr",
+)
+PRESETS = ("auto", "ct_abdomen", "ct_liver", "ct_lung", "ct_bone", "ct_brain", "mri", "mri_zscore", "xray", "none")
+AUGMENTATIONS = ("light", "standard", "strong", "none")
+LOSSES = ("dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal")
 DEVICES = ("auto", "cpu", "cuda")
 
 CONFIG_NAME = "config.json"
@@ -243,11 +259,15 @@ def training_config(
     device: str = "auto",
     val_fraction: float = 0.2,
     group_column: str = "",
+    early_stopping_patience: int = 0,
 ) -> dict[str, Any]:
     """The run configuration (``medtl.config.RunConfig`` as JSON) for the panel's choices.
 
     ``pretrained`` is ``imagenet``, ``none`` or ``file`` (then ``weights_file`` names a state dict,
     checkpoint or model package). Label names and the ``auto`` preset are read from the data set.
+    Gradual unfreezing releases one encoder stage every sixth of the epochs; with a validation
+    share, the package keeps the best epoch's weights and ``early_stopping_patience`` epochs
+    without a better score end the run (0: never).
     """
     for value, allowed, what in (
         (network, NETWORKS_2D + NETWORKS_3D, "network"),
@@ -279,11 +299,15 @@ def training_config(
         label_names = label_names or found_names
         preset = found_preset if preset == "auto" else preset
     strategy_config: dict[str, Any] = {"name": strategy}
-    if initial == "none" or network in ("unet3d", "segresnet3d"):
+    if initial == "none" or network in NO_ENCODER:
         # Nothing pretrained to freeze: every layer learns from the start.
         strategy_config = {"name": "full_finetune", "encoder_lr_factor": 1.0}
     elif strategy == "feature_extraction_then_finetune":
         strategy_config["feature_extraction_epochs"] = max(1, int(epochs) // 3)
+    elif strategy == "gradual_unfreezing":
+        strategy_config["unfreeze_every"] = max(1, int(epochs) // 6)
+    if early_stopping_patience < 0:
+        raise ValueError("Early stopping patience cannot be negative (0 turns it off).")
     return {
         "task": "segmentation_3d" if is_3d else "segmentation_2d",
         "data": {
@@ -296,7 +320,11 @@ def training_config(
         "model": {"name": network, "pretrained": initial},
         "strategy": strategy_config,
         "optim": {"lr": float(learning_rate)},
-        "train": {"epochs": int(epochs), "device": device},
+        "train": {
+            "epochs": int(epochs),
+            "device": device,
+            "early_stopping_patience": int(early_stopping_patience) if val_fraction > 0 else 0,
+        },
         "augmentation": augmentation,
         "loss": loss,
         "output_dir": str(Path(output_dir).resolve()),
@@ -367,7 +395,7 @@ class TrainingCurves:
 def metrics_table(scene: slicer.vtkMRMLScene, metrics: dict[str, Any], name: str = "MedTL metrics"):
     """A table node of a finished run's metrics: one row per quantity (Dice per structure first)."""
     rows = [(f"validation Dice: {label}", f"{value:.4f}") for label, value in (metrics.get("val_dice") or {}).items()]
-    for key in ("train_cases", "val_cases", "final_loss", "seconds"):
+    for key in ("train_cases", "val_cases", "best_epoch", "epochs_trained", "stopped_early", "final_loss", "seconds"):
         if metrics.get(key) is not None:
             value = metrics[key]
             rows.append((key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) else str(value)))

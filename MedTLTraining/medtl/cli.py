@@ -63,10 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="override the configuration's output_dir")
     _add_common(p)
 
-    p = sub.add_parser("predict", help="segment an image with a model package")
+    p = sub.add_parser("predict", help="segment (or classify) an image with a model package")
     p.add_argument("--model", required=True, help="model package directory")
     p.add_argument("--image", required=True, help="image file or DICOM directory")
-    p.add_argument("--out", required=True, help="output segmentation (.seg.nrrd, .nrrd, .nii.gz ...)")
+    p.add_argument(
+        "--out", required=True, help="output segmentation (.seg.nrrd, .nrrd, .nii.gz ...); a classifier writes JSON"
+    )
     p.add_argument("--probabilities", help="also write the foreground probability volume (0..1) here")
     p.add_argument("--uncertainty", help="also write the normalised entropy of the class probabilities (0..1) here")
     _add_common(p)
@@ -200,6 +202,18 @@ def _predict(args: argparse.Namespace, events: EventSink) -> int:
     package = load_package(args.model)
     image = read_image(args.image)
     device = resolve_device(args.device or "auto", events)
+    if package.config.is_classification:
+        import json
+
+        from medtl.data.io import atomic_write_text
+        from medtl.package import classify_image
+
+        probabilities = classify_image(package, image, device=device)
+        atomic_write_text(
+            args.out, json.dumps({"image": Path(args.image).name, "probabilities": probabilities}, indent=2)
+        )
+        events.emit("done", output=str(args.out), probabilities=probabilities)
+        return 0
     labels, probs = segment_image(package, image, device=device, events=events)
     out = Path(args.out)
     if out.name.endswith(".seg.nrrd"):

@@ -21,11 +21,15 @@ from typing import Any, Literal
 
 from medtl.errors import ConfigError
 
-Task = Literal["segmentation_2d", "segmentation_3d"]
-Strategy = Literal["feature_extraction", "full_finetune", "feature_extraction_then_finetune"]
-Preset = Literal["ct_abdomen", "ct_liver", "ct_lung", "ct_bone", "ct_brain", "mri", "none"]
-Augmentation = Literal["none", "light", "standard"]
-Loss = Literal["dice_ce", "dice", "ce", "focal", "dice_focal"]
+Task = Literal["segmentation_2d", "segmentation_3d", "classification_2d", "classification_3d"]
+Strategy = Literal[
+    "feature_extraction", "full_finetune", "feature_extraction_then_finetune", "gradual_unfreezing", "discriminative_lr"
+]
+Preset = Literal["ct_abdomen", "ct_liver", "ct_lung", "ct_bone", "ct_brain", "mri", "mri_zscore", "xray", "none"]
+Augmentation = Literal["none", "light", "standard", "strong"]
+Loss = Literal["dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal", "bce"]
+SEGMENTATION_LOSSES = ("dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal")
+CLASSIFICATION_LOSSES = ("ce", "ce_weighted", "focal", "bce")
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -36,7 +40,9 @@ class DataConfig:
     Attributes:
         csv: dataset CSV (``image``, ``label`` and free columns); relative paths are resolved
             against the CSV's folder.
-        label_names: names of label values 1..N (0 is background).
+        label_names: segmentation: names of label values 1..N (0 is background); classification:
+            the class names, which the CSV's ``label`` column holds (several joined by ``|`` when
+            ``multi_label``).
         val_fraction: share of the cases (3D) or labelled slices (2D) held out for validation.
         labelled_slices: for 2D tasks, train only on slices holding labels (painted slices);
             the others are unknown, not background.
@@ -49,15 +55,30 @@ class DataConfig:
     val_fraction: float = 0.0
     labelled_slices: bool = True
     group_column: str = ""
+    multi_label: bool = False
 
 
 @dataclass
 class PreprocessConfig:
-    """Intensity preset and the training patch size (2 numbers for 2D, 3 for 3D)."""
+    """How images become network input.
+
+    Attributes:
+        preset: intensity preset (see :mod:`medtl.data.presets`); ``window`` overrides a CT window.
+        patch_size: the training patch (2 numbers for 2D, 3 for 3D); classifiers resize the whole
+            image to it.
+        equalize: histogram equalisation after the preset (MRI, X-ray with poor contrast).
+        spacing: resample to this (z, y, x) spacing in mm before anything else; predictions are
+            resampled back to the input's grid.
+        context_slices: 2.5D: 1 feeds each axial slice with its two neighbours as the three input
+            channels of a 2D ImageNet encoder; 0 is plain 2D.
+    """
 
     preset: Preset = "ct_abdomen"
     window: list[float] | None = None
     patch_size: list[int] = field(default_factory=lambda: [128, 128])
+    equalize: bool = False
+    spacing: list[float] | None = None
+    context_slices: int = 0
 
 
 @dataclass
@@ -74,16 +95,24 @@ class ModelConfig:
 
 @dataclass
 class StrategyConfig:
-    """How the pretrained part is trained.
+    """How the pretrained part is trained (see :mod:`medtl.strategies`).
 
-    ``feature_extraction_then_finetune`` trains with a frozen encoder for
-    ``feature_extraction_epochs`` and then unfreezes it with ``encoder_lr_factor`` times the
-    learning rate.
+    Attributes:
+        feature_extraction_epochs: ``feature_extraction_then_finetune``: epochs with a frozen encoder.
+        encoder_lr_factor: the encoder's learning rate relative to the head's, once it trains.
+        unfreeze_every: ``gradual_unfreezing``: epochs between unfreezing the next stage down.
+        unfreeze_on_plateau: ``gradual_unfreezing``: unfreeze the next stage when the validation
+            score stalls for ``plateau_patience`` epochs instead of on a fixed schedule.
+        lr_decay: ``discriminative_lr``: each stage's learning rate relative to the stage above it.
     """
 
     name: Strategy = "feature_extraction_then_finetune"
     feature_extraction_epochs: int = 5
     encoder_lr_factor: float = 0.1
+    unfreeze_every: int = 2
+    unfreeze_on_plateau: bool = False
+    plateau_patience: int = 1
+    lr_decay: float = 0.5
 
 
 @dataclass
@@ -97,12 +126,21 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """Schedule and device.
+
+    ``early_stopping_patience`` stops after that many epochs without a better validation score
+    (0: never); ``keep_best`` puts the best-scoring epoch's weights, not the last, into the package.
+    Both need a validation split.
+    """
+
     epochs: int = 20
     steps_per_epoch: int = 20
     batch_size: int = 8
     seed: int = 0
     device: Device = "auto"
     amp: bool = True
+    early_stopping_patience: int = 0
+    keep_best: bool = True
 
 
 @dataclass
@@ -151,11 +189,20 @@ class RunConfig:
 
     @property
     def spatial_dims(self) -> int:
-        return 2 if self.task == "segmentation_2d" else 3
+        return 2 if self.task.endswith("_2d") else 3
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task.startswith("classification")
 
     @property
     def num_classes(self) -> int:
-        return len(self.data.label_names) + 1
+        """Network outputs: background + labels for segmentation, the classes for a classifier."""
+        return len(self.data.label_names) + (0 if self.is_classification else 1)
+
+    @property
+    def in_channels(self) -> int:
+        return 3 if self.preprocessing.context_slices else 1
 
     def validate(self) -> None:
         def bad(name: str, msg: str) -> ConfigError:
@@ -189,19 +236,53 @@ class RunConfig:
             raise bad("strategy.encoder_lr_factor", "must be in (0, 1]")
         if self.strategy.feature_extraction_epochs < 0:
             raise bad("strategy.feature_extraction_epochs", "must not be negative")
+        if self.strategy.unfreeze_every < 1:
+            raise bad("strategy.unfreeze_every", "must be at least 1")
+        if self.strategy.plateau_patience < 1:
+            raise bad("strategy.plateau_patience", "must be at least 1")
+        if not 0 < self.strategy.lr_decay <= 1:
+            raise bad("strategy.lr_decay", "must be in (0, 1]")
+        if self.train.early_stopping_patience < 0:
+            raise bad("train.early_stopping_patience", "must not be negative (0 turns early stopping off)")
+        if self.preprocessing.spacing is not None and (
+            len(self.preprocessing.spacing) != 3 or min(self.preprocessing.spacing) <= 0
+        ):
+            raise bad("preprocessing.spacing", "must be three positive numbers (z, y, x) in mm, or null")
+        if self.preprocessing.context_slices not in (0, 1):
+            raise bad("preprocessing.context_slices", "must be 0 (2D) or 1 (2.5D: a slice and its two neighbours)")
+        losses = CLASSIFICATION_LOSSES if self.is_classification else SEGMENTATION_LOSSES
+        if self.loss not in losses:
+            raise bad("loss", f"'{self.loss}' does not apply to {self.task}; use one of {_choices(losses)}")
+        if self.data.multi_label and not self.is_classification:
+            raise bad("data.multi_label", "applies to classification tasks only")
+        if self.loss == "bce" and not self.data.multi_label:
+            raise bad("loss", "'bce' is for multi-label classification (data.multi_label); 'ce' for one class")
+        if self.data.multi_label and self.loss not in ("bce", "focal"):
+            raise bad("loss", "multi-label classification needs independent sigmoid outputs: 'bce' or 'focal'")
         from medtl.models.registry import MODELS
 
         if self.model.name not in MODELS:
             raise bad("model.name", f"'{self.model.name}' is not one of {_choices(sorted(MODELS))}")
         spec = MODELS[self.model.name]
-        if spec.spatial_dims != self.spatial_dims:
-            raise bad("model.name", f"'{self.model.name}' is a {spec.spatial_dims}D network but task is {self.task}")
+        if spec.spatial_dims != self.spatial_dims or spec.task != self.task.rsplit("_", 1)[0]:
+            raise bad(
+                "model.name",
+                f"'{self.model.name}' is a {spec.spatial_dims}D {spec.task} network but task is {self.task}",
+            )
+        if self.preprocessing.context_slices and (self.task != "segmentation_2d" or not spec.adapter):
+            raise bad(
+                "preprocessing.context_slices", "2.5D input needs a 2D segmentation network on an ImageNet encoder"
+            )
         if any(size % spec.divisor for size in self.preprocessing.patch_size):
             raise bad(
                 "preprocessing.patch_size",
                 f"{self.preprocessing.patch_size}: each size must be a multiple of {spec.divisor} "
                 f"for {self.model.name}",
             )
+        if spec.exact_size is not None and any(s != spec.exact_size for s in self.preprocessing.patch_size):
+            raise bad("preprocessing.patch_size", f"{self.model.name} takes {spec.exact_size} pixels a side only")
+        if any(size < spec.min_size for size in self.preprocessing.patch_size):
+            raise bad("preprocessing.patch_size", f"{self.model.name} needs at least {spec.min_size} pixels a side")
         if not spec.has_encoder and self.strategy.name != "full_finetune":
             raise bad(
                 "strategy.name",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from medtl.data.slices import slice_stack
 from medtl.events import EventSink
 
 
@@ -29,20 +30,27 @@ def predict_slices(
     *,
     batch_size: int = 16,
     divisor: int = 32,
+    context_slices: int = 0,
     device: torch.device | str = "cpu",
     events: EventSink | None = None,
 ) -> np.ndarray:
     """Softmax probabilities (C, z, y, x) of a 2D network applied to every axial (z) slice.
 
     Slices are padded with 0 (air, in the preset's space) to a multiple of ``divisor`` and the
-    output is cropped back, so any slice size works.
+    output is cropped back, so any slice size works. With ``context_slices`` each slice goes in with
+    its neighbours as channels (2.5D), stacked as in training.
     """
     model.eval().to(device)
     probs = []
     n, height, width = volume.shape
     pad_h, pad_w = -height % divisor, -width % divisor
     for start in range(0, n, batch_size):
-        chunk = torch.from_numpy(np.ascontiguousarray(volume[start : start + batch_size, None])).to(device)
+        stop = min(n, start + batch_size)
+        if context_slices:
+            array = np.stack([slice_stack(volume, z, context_slices) for z in range(start, stop)])
+        else:
+            array = np.ascontiguousarray(volume[start:stop, None])
+        chunk = torch.from_numpy(array).to(device)
         if pad_h or pad_w:
             chunk = torch.nn.functional.pad(chunk, (0, pad_w, 0, pad_h))
         logits = model(chunk)[..., :height, :width]
@@ -77,15 +85,47 @@ def predict_volume(
     *,
     spatial_dims: int,
     patch_size: Sequence[int],
+    context_slices: int = 0,
     device: torch.device | str = "cpu",
     events: EventSink | None = None,
 ) -> np.ndarray:
     if spatial_dims == 2:
-        return predict_slices(model, volume, device=device, events=events)
+        divisor = getattr(getattr(model, "spec", None), "divisor", 32)
+        return predict_slices(
+            model, volume, divisor=divisor, context_slices=context_slices, device=device, events=events
+        )
     return predict_sliding_window(model, volume, roi_size=patch_size, device=device)
+
+
+@torch.inference_mode()
+def predict_class_probabilities(
+    model: torch.nn.Module,
+    arrays: Sequence[np.ndarray],
+    *,
+    size: Sequence[int],
+    multi_label: bool = False,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """(N, classes) probabilities of a classifier for preprocessed images ((y, x) or (z, y, x)),
+    each resized to ``size`` as in training; softmax, or a sigmoid per class when multi-label."""
+    from monai.transforms import Resize
+
+    model.eval().to(device)
+    resize = Resize(spatial_size=tuple(size), mode="area")
+    out = []
+    for start in range(0, len(arrays), batch_size):
+        batch = torch.stack([_plain(resize(torch.from_numpy(a[None]))) for a in arrays[start : start + batch_size]])
+        logits = model(batch.float().to(device)).float()
+        out.append((torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)).cpu())
+    return torch.cat(out).numpy()
 
 
 def normalised_entropy(probs: np.ndarray) -> np.ndarray:
     """Per-voxel entropy of class probabilities (C, ...) divided by log(C): 0 = certain, 1 = uniform."""
     p = np.clip(probs.astype(np.float32), 1e-7, 1.0)
     return (-(p * np.log(p)).sum(axis=0) / np.log(probs.shape[0])).astype(np.float32)
+
+
+def _plain(value: torch.Tensor) -> torch.Tensor:
+    return value.as_tensor() if hasattr(value, "as_tensor") else value

@@ -33,10 +33,10 @@ from safetensors.torch import load_file, save_file
 
 import medtl
 from medtl.config import RunConfig
-from medtl.data.io import array_like, sha256_file
+from medtl.data.io import array_like, resample_like, resample_to_spacing, sha256_file
 from medtl.data.presets import intensity_transform
 from medtl.errors import DataError, WeightsError
-from medtl.models.registry import SegmentationNet, build_model
+from medtl.models.registry import TransferNet, build_model
 
 MANIFEST = "medtl_package.json"
 WEIGHTS = "model.safetensors"
@@ -67,7 +67,7 @@ def label_table(names: Sequence[str]) -> list[dict[str, Any]]:
 class ModelPackage:
     path: Path
     manifest: dict[str, Any]
-    model: SegmentationNet
+    model: TransferNet
 
     @property
     def config(self) -> RunConfig:
@@ -115,13 +115,22 @@ def save_package(
             "format_version": FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": {"name": cfg.model.name, "num_classes": cfg.num_classes, "spatial_dims": cfg.spatial_dims},
+            "task": cfg.task,
             "preprocessing": {
                 "preset": cfg.preprocessing.preset,
                 "window": cfg.preprocessing.window,
+                "equalize": cfg.preprocessing.equalize,
+                "spacing": cfg.preprocessing.spacing,
+                "context_slices": cfg.preprocessing.context_slices,
                 "patch_size": cfg.preprocessing.patch_size,
-                "input": "one channel in [0, 1] after the preset; the network replicates and normalises",
+                "input": "one channel in [0, 1] after the preset (three neighbouring slices with context_slices 1); "
+                "the network replicates and normalises",
             },
-            "labels": label_table(cfg.data.label_names),
+            "labels": (
+                [{"index": i, "name": n} for i, n in enumerate(cfg.data.label_names)]
+                if cfg.is_classification
+                else label_table(cfg.data.label_names)
+            ),
             "config": cfg.to_dict(),
             "training_data": [{"file": Path(f).name, "sha256": sha256_file(f)} for f in training_files],
             "metrics": metrics or {},
@@ -175,16 +184,23 @@ def load_package(path: str | Path) -> ModelPackage:
     return ModelPackage(path=path, manifest=manifest, model=model)
 
 
-def preprocess(image: sitk.Image, manifest_or_cfg: dict[str, Any] | RunConfig) -> np.ndarray:
-    """The package's preprocessing applied to a SimpleITK image: (z, y, x) float32 in [0, 1]."""
-    if isinstance(manifest_or_cfg, RunConfig):
-        preset, window = manifest_or_cfg.preprocessing.preset, manifest_or_cfg.preprocessing.window
-    else:
-        preset, window = manifest_or_cfg["preprocessing"]["preset"], manifest_or_cfg["preprocessing"]["window"]
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
-    if array.ndim != 3:
-        raise DataError(f"expected a 3D scalar image, got array shape {array.shape}")
-    return np.asarray(intensity_transform(preset, window)(array), dtype=np.float32)
+def working_image(image: sitk.Image, cfg: RunConfig, *, labels: bool = False) -> sitk.Image:
+    """The image on the grid the network works on: resampled to ``preprocessing.spacing`` if set."""
+    spacing = cfg.preprocessing.spacing
+    if spacing is None or image.GetDimension() != 3:
+        return image
+    return resample_to_spacing(image, spacing, labels=labels)
+
+
+def preprocess(image: sitk.Image, manifest_or_cfg: dict[str, Any] | RunConfig, *, ndim: int = 3) -> np.ndarray:
+    """The run's preprocessing applied to a SimpleITK image: resampling (if the run sets a
+    spacing), then the intensity preset. (z, y, x) float32, (y, x) for 2D images (``ndim=2``)."""
+    cfg = manifest_or_cfg if isinstance(manifest_or_cfg, RunConfig) else RunConfig.from_dict(manifest_or_cfg["config"])
+    pre = cfg.preprocessing
+    array = sitk.GetArrayFromImage(working_image(image, cfg)).astype(np.float32)
+    if array.ndim != ndim:
+        raise DataError(f"expected a {ndim}D scalar image, got array shape {array.shape}")
+    return np.asarray(intensity_transform(pre.preset, pre.window, equalize=pre.equalize)(array), dtype=np.float32)
 
 
 def segment_image(
@@ -193,18 +209,43 @@ def segment_image(
     """Label image (the input's geometry exactly) and softmax probabilities (C, z, y, x)."""
     from medtl.infer import predict_volume
 
-    volume = preprocess(image, package.manifest)
     cfg = package.config
+    if cfg.is_classification:
+        raise DataError(f"{package.path} is a classifier; it gives class probabilities, not a segmentation")
+    volume = preprocess(image, cfg)
     probs = predict_volume(
         package.model,
         volume,
         spatial_dims=cfg.spatial_dims,
         patch_size=cfg.preprocessing.patch_size,
+        context_slices=cfg.preprocessing.context_slices,
         device=device,
         events=events,
     )
+    if cfg.preprocessing.spacing is not None:
+        # Probabilities go back to the input's grid (linear), then the argmax: smoother edges than
+        # resampling the label map.
+        grid = working_image(image, cfg)
+        probs = np.stack(
+            [sitk.GetArrayFromImage(resample_like(array_like(p.astype(np.float32), grid), image)) for p in probs]
+        )
+        probs /= np.clip(probs.sum(axis=0, keepdims=True), 1e-6, None)
     labels = probs.argmax(axis=0).astype(np.uint8)
     return array_like(labels, image), probs
+
+
+def classify_image(package: ModelPackage, image: sitk.Image, *, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Class probabilities of one image (softmax, or one sigmoid per class when multi-label)."""
+    from medtl.infer import predict_class_probabilities
+
+    cfg = package.config
+    if not cfg.is_classification:
+        raise DataError(f"{package.path} is a segmentation model; use it to segment, not to classify")
+    array = preprocess(image, cfg, ndim=cfg.spatial_dims)
+    probs = predict_class_probabilities(
+        package.model, [array], size=cfg.preprocessing.patch_size, multi_label=cfg.data.multi_label, device=device
+    )[0]
+    return {name: float(p) for name, p in zip(cfg.data.label_names, probs, strict=True)}
 
 
 def describe(path: str | Path) -> str:

@@ -21,7 +21,7 @@ from medtl.data.io import atomic_write_text, read_image
 from medtl.data.slices import slice_items
 from medtl.errors import DataError
 from medtl.events import EventSink
-from medtl.package import preprocess, save_package
+from medtl.package import preprocess, save_package, working_image
 from medtl.train import dice_per_class, fit, resolve_device
 
 
@@ -34,7 +34,7 @@ def load_case_arrays(case: Case, cfg: RunConfig) -> tuple[sitk.Image, np.ndarray
             f"row {case.row}: image {case.image.name} is {image.GetSize()} but label {case.label.name} "
             f"is {label_image.GetSize()}"
         )
-    labels = sitk.GetArrayFromImage(label_image).astype(np.int64)
+    labels = sitk.GetArrayFromImage(working_image(label_image, cfg, labels=True)).astype(np.int64)
     if labels.min() < 0 or labels.max() >= cfg.num_classes:
         raise DataError(
             f"row {case.row}: label {case.label.name} has values {labels.min()}..{labels.max()}, "
@@ -43,13 +43,45 @@ def load_case_arrays(case: Case, cfg: RunConfig) -> tuple[sitk.Image, np.ndarray
     return image, preprocess(image, cfg), labels
 
 
+def class_target(case: Case, cfg: RunConfig) -> np.ndarray:
+    """A classification row's target: (1,) class index, or (classes,) 0/1 for multi-label."""
+    names = cfg.data.label_names
+    text = (case.target or "").strip()
+    given = [t.strip() for t in text.split("|") if t.strip()]
+    unknown = [t for t in given if t not in names]
+    if unknown:
+        raise DataError(
+            f"row {case.row}, field 'label': {', '.join(map(repr, unknown))} is not one of data.label_names "
+            f"({', '.join(names)})"
+        )
+    if cfg.data.multi_label:
+        target = np.zeros(len(names), np.float32)
+        target[[names.index(t) for t in given]] = 1.0
+        return target
+    if len(given) != 1:
+        raise DataError(f"row {case.row}, field 'label': needs exactly one class name, got {text!r}")
+    return np.array([names.index(given[0])], np.int64)
+
+
+def classification_image(case: Case, cfg: RunConfig) -> np.ndarray:
+    """The preprocessed image of a classification row: (1, y, x) or (1, z, y, x)."""
+    return preprocess(read_image(case.image), cfg, ndim=cfg.spatial_dims)[None]
+
+
 def training_items(cases: list[Case], cfg: RunConfig) -> list[dict]:
+    if cfg.is_classification:
+        return [
+            {"image": classification_image(case, cfg), "label": class_target(case, cfg), "case": case.image.name}
+            for case in cases
+        ]
     items: list[dict] = []
     for case in cases:
         _, volume, labels = load_case_arrays(case, cfg)
         if cfg.spatial_dims == 2:
             slices = None if cfg.data.labelled_slices else range(volume.shape[0])
-            items += slice_items(volume, labels, slices=slices, case=case.image.name)
+            items += slice_items(
+                volume, labels, slices=slices, case=case.image.name, context=cfg.preprocessing.context_slices
+            )
         else:
             items.append({"image": volume[None], "label": labels[None], "case": case.image.name})
     if not items:
@@ -89,6 +121,8 @@ def validation_scorer(
     per-case scores of its last call. The cases are read once."""
     from medtl.infer import predict_volume
 
+    if cfg.is_classification:
+        return classification_scorer(val_cases, cfg, device)
     loaded = [(case, *load_case_arrays(case, cfg)[1:]) for case in val_cases]
     classes = list(range(1, cfg.num_classes))
     last: list[dict] = []
@@ -97,7 +131,12 @@ def validation_scorer(
         last.clear()
         for case, volume, labels in loaded:
             probs = predict_volume(
-                model, volume, spatial_dims=cfg.spatial_dims, patch_size=cfg.preprocessing.patch_size, device=device
+                model,
+                volume,
+                spatial_dims=cfg.spatial_dims,
+                patch_size=cfg.preprocessing.patch_size,
+                context_slices=cfg.preprocessing.context_slices,
+                device=device,
             )
             scores = dice_per_class(probs.argmax(0), labels, classes)
             last.append(
@@ -108,6 +147,44 @@ def validation_scorer(
                 }
             )
         return {name: float(np.nanmean([p[name] for p in last])) for name in cfg.data.label_names}
+
+    return score, last
+
+
+def classification_scorer(
+    val_cases: list[Case], cfg: RunConfig, device
+) -> tuple[Callable[[torch.nn.Module], dict[str, float]], list[dict]]:
+    """Held-out AUROC per class (one class against the rest; NaN where the held-out cases hold
+    only one side), and the per-case probabilities of its last call."""
+    from monai.metrics import compute_roc_auc
+
+    from medtl.infer import predict_class_probabilities
+
+    images = [classification_image(case, cfg)[0] for case in val_cases]
+    targets = np.stack([class_target(case, cfg) for case in val_cases])
+    if not cfg.data.multi_label:
+        targets = np.eye(cfg.num_classes, dtype=np.float32)[targets[:, 0]]
+    last: list[dict] = []
+
+    def score(model) -> dict[str, float]:
+        probs = predict_class_probabilities(
+            model, images, size=cfg.preprocessing.patch_size, multi_label=cfg.data.multi_label, device=device
+        )
+        last.clear()
+        last.extend(
+            {"image": c.image.name, "row": c.row, **dict(zip(cfg.data.label_names, map(float, p), strict=True))}
+            for c, p in zip(val_cases, probs, strict=True)
+        )
+        scores = {}
+        for index, name in enumerate(cfg.data.label_names):
+            column = targets[:, index]
+            both = 0 < column.sum() < len(column)
+            scores[name] = (
+                float(compute_roc_auc(torch.from_numpy(probs[:, index]), torch.from_numpy(column)))
+                if both
+                else float("nan")
+            )
+        return scores
 
     return score, last
 
@@ -125,8 +202,10 @@ def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> 
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
-    cases = load_cases(cfg.data.csv)
+    cases = load_cases(cfg.data.csv, label_files=not cfg.is_classification)
     train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.train.seed, cfg.data.group_column)
+    if cfg.strategy.unfreeze_on_plateau and cfg.strategy.name == "gradual_unfreezing" and not val_cases:
+        raise DataError("strategy.unfreeze_on_plateau watches the validation score: set data.val_fraction above 0")
     device = resolve_device(cfg.train.device)
     score, per_case = validation_scorer(val_cases, cfg, device) if val_cases else (None, [])
     result = fit(cfg, training_items(train_cases, cfg), run_dir=run_dir, events=events, resume=resume, validate=score)
@@ -138,9 +217,13 @@ def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> 
         "seconds": round(result.seconds, 1),
     }
     if score is not None:
-        # A resumed run that had nothing left to train has not scored this network yet.
-        metrics["val_dice"] = result.history[-1]["val_dice"] if per_case else score(result.model)
-        metrics["val_cases_dice"] = list(per_case)
+        # Scored again: the package holds the best epoch's weights (keep_best), and a resumed run
+        # with nothing left to train has not scored this network yet.
+        key = "val_auroc" if cfg.is_classification else "val_dice"
+        metrics[key] = score(result.model)
+        metrics[f"val_cases_{key.removeprefix('val_')}"] = list(per_case)
+        metrics.update(best_epoch=result.best_epoch, stopped_early=result.stopped_early)
+    metrics["epochs_trained"] = len(result.history)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     training_figure(run_dir / "training.png", {"train": result.history})
     package = save_package(

@@ -37,12 +37,13 @@ from medtl.config import RunConfig
 from medtl.data.io import atomic_path
 from medtl.data.presets import training_transform
 from medtl.events import EventSink
-from medtl.models.registry import SegmentationNet, build_model
-from medtl.strategies import encoder_trainable, param_groups, set_encoder_trainable
+from medtl.models.registry import TransferNet, build_model
+from medtl.strategies import param_groups, set_trainable_stages, unfrozen_stages
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 
 
 def resolve_device(name: str, events: EventSink | None = None) -> torch.device:
@@ -99,9 +100,35 @@ def device_report(name: str = "auto") -> dict[str, Any]:
     return report
 
 
-def make_loss(name: str) -> torch.nn.Module:
+def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> torch.Tensor:
+    """Balanced class weights from the training labels: ``total / (classes × count)``, as
+    scikit-learn's ``class_weight="balanced"``; a class that never occurs gets 0 (it is never a
+    target, so its weight has no effect)."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for item in items:
+        label = np.asarray(item["label"]).astype(np.int64).ravel()
+        counts += np.bincount(label, minlength=num_classes)[:num_classes]
+    present = counts > 0
+    weights = np.zeros(num_classes, dtype=np.float32)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.from_numpy(weights)
+
+
+def make_loss(
+    name: str, *, weights: torch.Tensor | None = None, classification: bool = False, multi_label: bool = False
+) -> torch.nn.Module:
+    """A MONAI loss (or torch's CE/BCE) taking logits and MedTL's label layout: (N, 1, *spatial)
+    class indices for segmentation, (N, 1) indices or (N, C) 0/1 targets (``bce``) for classifiers."""
     from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss
 
+    if name == "bce":
+        return _FloatTargetLoss(torch.nn.BCEWithLogitsLoss())
+    if name == "focal" and classification:
+        return _FocalClassification(multi_label=multi_label)
+    if name == "ce_weighted":
+        if weights is None:
+            raise ValueError("ce_weighted needs class weights from the training labels")
+        return _LabelChannelLoss(torch.nn.CrossEntropyLoss(weight=weights))
     if name == "dice_ce":
         return DiceCELoss(to_onehot_y=True, softmax=True)
     if name == "dice":
@@ -127,6 +154,30 @@ class _LabelChannelLoss(torch.nn.Module):
         return self.loss(logits, label[:, 0].long())
 
 
+class _FloatTargetLoss(torch.nn.Module):
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, label.float())
+
+
+class _FocalClassification(torch.nn.Module):
+    """MONAI's focal loss for (N, C) logits: softmax over classes for (N, 1) indices, sigmoid per
+    class for multi-label (N, C) targets."""
+
+    def __init__(self, *, multi_label: bool) -> None:
+        super().__init__()
+        from monai.losses import FocalLoss
+
+        self.multi_label = multi_label
+        self.loss = FocalLoss() if multi_label else FocalLoss(to_onehot_y=True, use_softmax=True)
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, label.float() if self.multi_label else label.long())
+
+
 def lr_factor(step: int, *, total: int, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
     if step < warmup:
@@ -137,10 +188,12 @@ def lr_factor(step: int, *, total: int, warmup: int) -> float:
 
 @dataclass
 class FitResult:
-    model: SegmentationNet
-    history: list[dict[str, float]] = field(default_factory=list)
+    model: TransferNet
+    history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     images_per_s: float = 0.0
+    best_epoch: int | None = None  # 1-based; the weights in ``model`` when ``keep_best`` applied
+    stopped_early: bool = False
 
 
 def fit(
@@ -150,9 +203,9 @@ def fit(
     run_dir: str | Path,
     events: EventSink | None = None,
     resume: bool = False,
-    model: SegmentationNet | None = None,
+    model: TransferNet | None = None,
     label: str = "train",
-    validate: Callable[[SegmentationNet], dict[str, float]] | None = None,
+    validate: Callable[[TransferNet], dict[str, float]] | None = None,
 ) -> FitResult:
     """Trains a network on in-memory samples.
 
@@ -185,20 +238,31 @@ def fit(
     if device.type == "cuda" and cfg.spatial_dims == 2:
         model.to(memory_format=torch.channels_last)
 
-    groups = param_groups(model, lr=cfg.optim.lr, encoder_lr_factor=cfg.strategy.encoder_lr_factor)
+    groups = param_groups(model, cfg.strategy, lr=cfg.optim.lr)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
     total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total=total_steps, warmup=cfg.optim.warmup_steps)
     )
-    loss_fn = make_loss(cfg.loss)
+    weights = None
+    if cfg.loss == "ce_weighted":
+        weights = class_weights(items, cfg.num_classes)
+        events.emit(
+            "message",
+            message="class weights from the training labels: " + ", ".join(f"{w:.3g}" for w in weights.tolist()),
+        )
+        weights = weights.to(device)
+    loss_fn = make_loss(
+        cfg.loss, weights=weights, classification=cfg.is_classification, multi_label=cfg.data.multi_label
+    )
     use_amp = cfg.train.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     start_epoch = 0
     ckpt_path = run_dir / CHECKPOINT
+    best_path = run_dir / BEST
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -207,9 +271,30 @@ def fit(
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
         events.emit("message", message=f"resuming from epoch {start_epoch} ({ckpt_path})")
+    elif best_path.exists():
+        best_path.unlink()  # a best checkpoint from an earlier run in this folder is not this run's
+
+    val_key = "val_auroc" if cfg.is_classification else "val_dice"
+    n_stages = len(model.encoder_stages())
+    plateau = cfg.strategy.name == "gradual_unfreezing" and cfg.strategy.unfreeze_on_plateau
+    if plateau and validate is None:
+        events.emit("warning", message="unfreezing on a plateau needs validation; unfreezing on the epoch schedule")
+        plateau = False
+    if cfg.train.early_stopping_patience and validate is None:
+        events.emit("warning", message="early stopping needs validation; training every epoch")
+    last = history[-1] if history else {}
+    best_score = max((h["val_score"] for h in history if h.get("val_score") is not None), default=None)
+    best_epoch = last.get("best_epoch")
+    stall = int(last.get("stall", 0))
+    plateau_unfrozen = int(last.get("plateau_unfrozen", 0))
+    stopped_early = bool(last.get("stopped_early", False))
+    current = -1
 
     transform = training_transform(
-        patch_size=cfg.preprocessing.patch_size, level=cfg.augmentation, spatial_dims=cfg.spatial_dims
+        patch_size=cfg.preprocessing.patch_size,
+        level=cfg.augmentation,
+        spatial_dims=cfg.spatial_dims,
+        classification=cfg.is_classification,
     )
     dataset = Dataset(data=list(items), transform=transform)
     generator = torch.Generator()
@@ -230,22 +315,25 @@ def fit(
     steps_done = 0
     images = 0
     for epoch in range(start_epoch, cfg.train.epochs):
+        if stopped_early:
+            break
         seed = cfg.train.seed * 100_003 + epoch
         generator.manual_seed(seed)
         transform.set_random_state(seed=seed % (2**32))
         torch.manual_seed(seed)
-        trainable = encoder_trainable(cfg.strategy, epoch)
-        if model.encoder is not None and trainable == model.encoder_frozen:
-            set_encoder_trainable(model, trainable)
-            if epoch > 0 or not trainable:
-                events.emit(
-                    "phase", name="fine-tune (encoder unfrozen)" if trainable else "feature extraction (encoder frozen)"
-                )
+        unfrozen = unfrozen_stages(cfg.strategy, epoch, n_stages, plateau_unfrozen=plateau_unfrozen)
+        if n_stages and unfrozen != current:
+            set_trainable_stages(model, unfrozen)
+            if epoch > start_epoch or unfrozen < n_stages:
+                events.emit("phase", name=_phase_name(unfrozen, n_stages))
+            current = unfrozen
         model.train()
         losses = []
         for batch in loader:
-            x = batch["image"].to(device, non_blocking=True).as_tensor()
-            y = batch["label"].to(device, non_blocking=True).as_tensor()
+            x = _tensor(batch["image"], device)
+            y = _tensor(batch["label"], device)
+            if device.type == "cuda" and cfg.spatial_dims == 2:
+                x = x.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = loss_fn(model(x), y)
@@ -269,16 +357,38 @@ def fit(
                 eta_s=round(eta, 1),
                 label=label,
             )
-        record = {
+        record: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": float(np.mean(losses)),
             "lr": optimizer.param_groups[0]["lr"],
-            "encoder_trainable": trainable,
+            "encoder_trainable": unfrozen > 0,
+            "unfrozen_stages": unfrozen,
             "seconds": round(time.perf_counter() - t0, 2),
         }
         if validate is not None:
             model.eval()
-            record["val_dice"] = validate(model)
+            record[val_key] = validate(model)
+            values = [v for v in record[val_key].values() if not math.isnan(v)]
+            score = float(np.mean(values)) if values else None
+            record["val_score"] = score
+            if score is not None and (best_score is None or score > best_score):
+                best_score, best_epoch, stall = score, epoch + 1, 0
+                with atomic_path(best_path) as tmp:
+                    torch.save(model.state_dict(), tmp)
+            else:
+                stall += 1
+            if plateau and stall >= cfg.strategy.plateau_patience and plateau_unfrozen < n_stages:
+                plateau_unfrozen += 1
+                stall = 0  # the newly unfrozen stage gets its own chance before anything stops
+            patience = cfg.train.early_stopping_patience
+            if patience and stall >= patience and epoch + 1 < cfg.train.epochs:
+                stopped_early = True
+                events.emit(
+                    "message",
+                    message=f"early stop after epoch {epoch + 1}: no better validation score for {stall} epoch(s)",
+                )
+            record.update(best_epoch=best_epoch, stall=stall, plateau_unfrozen=plateau_unfrozen)
+            record["stopped_early"] = stopped_early
         history.append(record)
         with atomic_path(ckpt_path) as tmp:
             torch.save(
@@ -302,12 +412,40 @@ def fit(
             lr=record["lr"],
             eta_s=round(elapsed / max(1, steps_done) * (total_steps - (epoch + 1) * cfg.train.steps_per_epoch), 1),
             label=label,
-            **({"val_dice": record["val_dice"]} if "val_dice" in record else {}),
+            **({val_key: record[val_key]} if val_key in record else {}),
         )
         events.emit("checkpoint", path=str(ckpt_path), epoch=epoch + 1)
+    final_epoch = history[-1]["epoch"] if history else 0
+    if cfg.train.keep_best and best_epoch is not None and best_epoch != final_epoch and best_path.is_file():
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+        events.emit(
+            "message",
+            message=f"keeping epoch {best_epoch}'s weights (best validation score {best_score:.4f}), "
+            f"not epoch {final_epoch}'s",
+        )
     seconds = time.perf_counter() - t0
     model.eval()
-    return FitResult(model=model, history=history, seconds=seconds, images_per_s=images / seconds if seconds else 0.0)
+    return FitResult(
+        model=model,
+        history=history,
+        seconds=seconds,
+        images_per_s=images / seconds if seconds else 0.0,
+        best_epoch=best_epoch if cfg.train.keep_best else None,
+        stopped_early=stopped_early,
+    )
+
+
+def _tensor(value: Any, device: torch.device) -> torch.Tensor:
+    value = value.to(device, non_blocking=True)
+    return value.as_tensor() if hasattr(value, "as_tensor") else value
+
+
+def _phase_name(unfrozen: int, n_stages: int) -> str:
+    if unfrozen == 0:
+        return "feature extraction (encoder frozen)"
+    if unfrozen == n_stages:
+        return "fine-tune (encoder unfrozen)"
+    return f"fine-tune (top {unfrozen} of {n_stages} encoder stages unfrozen)"
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes: Sequence[int]) -> dict[int, float]:

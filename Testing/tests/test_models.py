@@ -8,16 +8,88 @@ from medtl.models.registry import MODELS, build_model
 from medtl.models.weights import hub_checkpoint_path, imagenet_state_dict, load_matching
 
 
+def _input_for(spec):
+    if spec.spatial_dims == 3:
+        side = max(32, spec.min_size)
+        return torch.rand(2 if side == 32 else 1, 1, side, side, side)
+    side = spec.exact_size or max(64, spec.min_size + (-spec.min_size % 32))
+    return torch.rand(2, 1, side, side)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_registered_network_builds_and_runs(name):
+def test_every_registered_network_builds_and_runs_forward_and_backward(name):
     spec = MODELS[name]
-    model = build_model(name, num_classes=3, pretrained="none").eval()
-    x = torch.rand(2, 1, 64, 64) if spec.spatial_dims == 2 else torch.rand(1, 1, 32, 32, 32)
-    with torch.no_grad():
-        y = model(x)
-    assert y.shape == (x.shape[0], 3, *x.shape[2:])
+    model = build_model(name, num_classes=3, pretrained="none").train()
+    x = _input_for(spec)
+    y = model(x)
+    expected = (x.shape[0], 3) if spec.task == "classification" else (x.shape[0], 3, *x.shape[2:])
+    assert y.shape == expected
     assert torch.isfinite(y).all()
-    assert (model.encoder is not None) == spec.has_encoder
+    y.float().square().mean().backward()
+    stages = model.encoder_stages()
+    assert bool(stages) == spec.has_encoder
+    stage_params = [p for stage in stages for p in stage.parameters()]
+    assert len({id(p) for p in stage_params}) == len(stage_params), "a parameter sits in two stages"
+    head = [p for p in model.parameters() if id(p) not in {id(q) for q in stage_params}]
+    assert head, "nothing left to train as the head"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+    if stages:
+        assert stages[0].parameters().__next__().grad is not None, "gradient does not reach the input stage"
+
+
+def test_classifier_stages_are_the_whole_pretrained_part():
+    model = build_model("cls_densenet121", num_classes=2)
+    in_stages = {id(p) for stage in model.encoder_stages() for p in stage.parameters()}
+    head = [n for n, p in model.named_parameters() if id(p) not in in_stages]
+    assert head == ["core.classifier.weight", "core.classifier.bias"]
+
+
+def test_imagenet_classifier_keeps_every_pretrained_tensor_but_the_head(hub_cache):
+    reference = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").state_dict()
+    model = build_model("cls_mobilenet_v2", num_classes=4, pretrained="imagenet")
+    state = {k.removeprefix("core."): v for k, v in model.state_dict().items()}
+    for key, value in reference.items():
+        if key.startswith("classifier.1."):
+            assert state[key].shape[0] == 4
+        else:
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+
+def test_two_and_a_half_d_input_uses_the_neighbours_as_channels():
+    model = build_model("unet_resnet18", num_classes=2).eval()
+    stack = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        three = model(stack)
+        middle_only = model(stack[:, 1:2].expand(-1, 3, -1, -1))
+    assert not torch.allclose(three, middle_only), "the neighbouring slices changed nothing"
+
+
+def test_swin_encoder_loads_self_supervised_weights_from_a_file(tmp_path):
+    # The published self-supervised SwinUNETR file holds the Swin encoder alone, under "module."
+    # (DataParallel) and a "state_dict" key; a made-up file with that layout stands in for it.
+    source = build_model("swinunetr3d", num_classes=2)
+    encoder = {f"module.{k}": v + 0.5 for k, v in source.core.swinViT.state_dict().items() if v.is_floating_point()}
+    encoder["module.contrastive_head.weight"] = torch.zeros(512, 768)
+    path = tmp_path / "model_swinvit.pt"
+    torch.save({"state_dict": encoder}, path)
+    target = build_model("swinunetr3d", num_classes=2, pretrained=str(path))
+    report = target.load_report
+    assert len(report.matched) == len(encoder) - 1 and report.skipped == ["contrastive_head.weight"]
+    assert all(k.startswith("core.swinViT.") for k in report.matched)
+    torch.testing.assert_close(
+        target.core.swinViT.patch_embed.proj.weight, source.core.swinViT.patch_embed.proj.weight + 0.5
+    )
+
+
+def test_medicalnet_file_loads_into_the_3d_classifier_with_a_new_head(tmp_path):
+    source = build_model("cls3d_resnet10", num_classes=5)
+    state = {f"module.{k}": v + 1.0 for k, v in source.core.state_dict().items() if v.is_floating_point()}
+    torch.save({"state_dict": state}, tmp_path / "resnet_10.pth")
+    target = build_model("cls3d_resnet10", num_classes=2, pretrained=str(tmp_path / "resnet_10.pth"))
+    report = target.load_report
+    assert sorted(report.skipped) == ["fc.bias", "fc.weight"], "the 5-class head has no place in a 2-class one"
+    assert set(report.new) >= {"core.fc.weight", "core.fc.bias"}
+    torch.testing.assert_close(target.core.layer4[0].conv1.weight, source.core.layer4[0].conv1.weight + 1.0)
 
 
 def test_imagenet_weights_load_through_torchvision(hub_cache):

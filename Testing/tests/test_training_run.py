@@ -106,8 +106,11 @@ def test_a_run_draws_curves_and_fills_a_metrics_table(scene_dataset, tmp_path, h
         device="cpu",
         val_fraction=0.5,
         group_column="site",
+        early_stopping_patience=5,
+        strategy="gradual_unfreezing",
     )
     assert config["data"]["label_names"] == names and config["data"]["group_column"] == "site"
+    assert config["train"]["early_stopping_patience"] == 5 and config["strategy"]["unfreeze_every"] == 1
     config["preprocessing"]["patch_size"] = [32, 32]
     config["train"].update(steps_per_epoch=4, batch_size=4)
     run = TrainingRun(headless.scene)
@@ -132,8 +135,11 @@ def test_a_run_draws_curves_and_fills_a_metrics_table(scene_dataset, tmp_path, h
     # Grouped by site: the two held-out cases are one site's.
     assert metrics["val_cases"] == 2 and metrics["train_cases"] == 2
     assert [c["row"] for c in metrics["val_cases_dice"]] in ([2, 3], [4, 5])
-    last_epoch = [e for e in events if e["event"] == "epoch"][-1]
-    assert metrics["val_dice"] == pytest.approx(last_epoch["val_dice"])
+    # The package holds the best epoch's weights, and the metrics are that network's.
+    epoch_events = [e for e in events if e["event"] == "epoch"]
+    best = max(epoch_events, key=lambda e: np.nanmean(list(e["val_dice"].values())))
+    assert metrics["best_epoch"] == best["epoch"] and metrics["epochs_trained"] == 3
+    assert metrics["val_dice"] == pytest.approx(best["val_dice"])
     table = metrics_table(headless.scene, metrics)
     assert table.GetCellText(0, 0) == "validation Dice: disc"
     assert float(table.GetCellText(0, 1)) == pytest.approx(metrics["val_dice"]["disc"], abs=1e-4)
@@ -217,10 +223,13 @@ def test_panel_choices_are_the_engines():
     from medtl import config
     from medtl.models.registry import MODELS
 
-    assert set(training_run.NETWORKS_2D + training_run.NETWORKS_3D) == set(MODELS)
+    # The panel trains segmentations (scene pairs, label maps); classifiers train from the command line.
+    segmentation = {name for name, spec in MODELS.items() if spec.task == "segmentation"}
+    assert set(training_run.NETWORKS_2D + training_run.NETWORKS_3D) == segmentation
     assert all(MODELS[n].spatial_dims == 2 for n in training_run.NETWORKS_2D)
+    assert set(training_run.NO_ENCODER) == {n for n in segmentation if not MODELS[n].has_encoder}
     assert set(training_run.STRATEGIES) == set(typing.get_args(config.Strategy))
     assert set(training_run.PRESETS) - {"auto"} == set(typing.get_args(config.Preset))
-    assert set(training_run.AUGMENTATIONS) <= set(typing.get_args(config.Augmentation))
-    assert set(training_run.LOSSES) == set(typing.get_args(config.Loss))
+    assert set(training_run.AUGMENTATIONS) == set(typing.get_args(config.Augmentation))
+    assert set(training_run.LOSSES) == set(config.SEGMENTATION_LOSSES)
     assert set(training_run.DEVICES) == set(typing.get_args(config.Device))

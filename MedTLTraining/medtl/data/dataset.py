@@ -1,7 +1,8 @@
 """Dataset specification: a CSV with one row per case.
 
-Columns: ``image`` (required), ``label`` (optional: unlabelled or target-domain cases), and
-free columns (``site``, ``scanner``, ``sex`` ...) kept as ``extra`` for grouped splits, domains
+Columns: ``image`` (required), ``label`` (optional: unlabelled or target-domain cases; a label
+map file for segmentation, class names for classification, several joined by ``|``), and free
+columns (``site``, ``scanner``, ``sex`` ...) kept as ``extra`` for grouped splits, domains
 and fairness. Relative paths are resolved against the CSV's folder.
 
 Example:
@@ -28,10 +29,14 @@ class Case:
     label: Path | None
     row: int
     extra: dict[str, str] = field(default_factory=dict)
+    target: str | None = None  # classification: the label column's text (class names)
 
 
-def load_cases(csv_path: str | Path, *, require_labels: bool = True) -> list[Case]:
-    """Reads and checks a dataset CSV; every problem names the file, the row and the field."""
+def load_cases(csv_path: str | Path, *, require_labels: bool = True, label_files: bool = True) -> list[Case]:
+    """Reads and checks a dataset CSV; every problem names the file, the row and the field.
+
+    With ``label_files=False`` (classification) the ``label`` column is text, kept as ``target``.
+    """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"dataset CSV not found: {csv_path}")
@@ -47,11 +52,12 @@ def load_cases(csv_path: str | Path, *, require_labels: bool = True) -> list[Cas
         for row_no, row in enumerate(reader, start=2):
             image = _resolve(csv_path, row_no, "image", row.get("image"))
             label_text = (row.get("label") or "").strip()
-            if require_labels and not label_text:
+            if require_labels and not label_text and label_files:
                 raise DataError(f"{csv_path}: row {row_no}, field 'label': empty")
-            label = _resolve(csv_path, row_no, "label", label_text) if label_text else None
+            label = _resolve(csv_path, row_no, "label", label_text) if label_text and label_files else None
             extra = {k: v for k, v in row.items() if k not in ("image", "label") and k is not None}
-            cases.append(Case(image=image, label=label, row=row_no, extra=extra))
+            target = label_text if not label_files and "label" in columns else None
+            cases.append(Case(image=image, label=label, row=row_no, extra=extra, target=target))
     if not cases:
         raise DataError(f"{csv_path}: no cases")
     return cases

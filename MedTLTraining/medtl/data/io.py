@@ -146,3 +146,31 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def resample_to_spacing(image: sitk.Image, spacing_zyx: Sequence[float], *, labels: bool = False) -> sitk.Image:
+    """The image on a grid of ``spacing_zyx`` (mm) over the same physical extent, origin and
+    direction; linear for intensities, nearest neighbour for label maps."""
+    new_spacing = [float(s) for s in reversed(spacing_zyx)]  # SimpleITK orders (x, y, z)
+    size = [
+        max(1, int(round(n * old / new)))
+        for n, old, new in zip(image.GetSize(), image.GetSpacing(), new_spacing, strict=True)
+    ]
+    return sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
+        image.GetOrigin(),
+        new_spacing,
+        image.GetDirection(),
+        0,
+        image.GetPixelID(),
+    )
+
+
+def resample_like(image: sitk.Image, reference: sitk.Image, *, labels: bool = False) -> sitk.Image:
+    """``image`` on exactly ``reference``'s grid (back from a working spacing to the input's)."""
+    return sitk.Resample(
+        image, reference, sitk.Transform(), sitk.sitkNearestNeighbor if labels else sitk.sitkLinear, 0.0
+    )

@@ -16,11 +16,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from monai.transforms import (
+    ClipIntensityPercentiles,
     Compose,
+    HistogramNormalize,
+    NormalizeIntensity,
+    Rand2DElasticd,
+    Rand3DElasticd,
     RandAdjustContrastd,
     RandAffined,
+    RandBiasFieldd,
+    RandFlipd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
     RandSpatialCropd,
+    Resized,
     ScaleIntensityRange,
     ScaleIntensityRangePercentiles,
     SpatialPadd,
@@ -36,46 +47,120 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "ct_brain": (0.0, 80.0),
 }
 
+PRESETS = {
+    **{name: f"CT window {low:g}..{high:g} HU to [0, 1]" for name, (low, high) in CT_WINDOWS.items()},
+    "mri": "MRI: 0.5th..99.5th percentile of each image to [0, 1]",
+    "mri_zscore": "MRI: clipped to the 0.5th..99.5th percentile, then zero mean and unit variance over non-zero "
+    "voxels (for networks without an ImageNet input; padding 0 is then the mean, not air)",
+    "xray": "X-ray: 1st..99th percentile of each image to [0, 1]",
+    "none": "intensities as stored",
+}
 
-def intensity_transform(preset: str, window: Sequence[float] | None = None) -> Transform:
-    """The array transform of a preset (channel-first or plain arrays, numpy or torch)."""
+
+def intensity_transform(preset: str, window: Sequence[float] | None = None, *, equalize: bool = False) -> Transform:
+    """The array transform of a preset (channel-first or plain arrays, numpy or torch).
+
+    ``equalize`` appends histogram equalisation (MONAI's ``HistogramNormalize``, global, to
+    [0, 1]): flat histograms for MRI and X-ray whose contrast sits in a narrow band.
+    """
+    steps: list[Transform] = []
     if window is not None:
         low, high = window
-        return ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
-    if preset in CT_WINDOWS:
+        steps.append(ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+    elif preset in CT_WINDOWS:
         low, high = CT_WINDOWS[preset]
-        return ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
-    if preset == "mri":
+        steps.append(ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+    elif preset == "mri":
         # MRI has no absolute scale: robust percentiles per image.
-        return ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
-    if preset == "none":
-        return Compose([])
-    raise ValueError(f"unknown preset '{preset}'")
+        steps.append(ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True))
+    elif preset == "mri_zscore":
+        steps += [ClipIntensityPercentiles(lower=0.5, upper=99.5), NormalizeIntensity(nonzero=True)]
+    elif preset == "xray":
+        steps.append(ScaleIntensityRangePercentiles(lower=1.0, upper=99.0, b_min=0.0, b_max=1.0, clip=True))
+    elif preset != "none":
+        raise ValueError(f"unknown preset '{preset}'")
+    if equalize:
+        steps.append(HistogramNormalize(num_bins=256, min=0, max=1))
+    return Compose(steps)
 
 
-def training_transform(*, patch_size: Sequence[int], level: str, spatial_dims: int) -> Compose:
-    """Pad to the patch, augment (in windowed space, padding = 0 = air), crop a patch.
+# level -> (rotation in radians, scale range, gamma range, noise sd)
+_LEVELS = {
+    "light": (0.17, 0.10, (0.8, 1.25), 0.0),
+    "standard": (0.26, 0.15, (0.8, 1.25), 0.02),
+    "strong": (0.52, 0.25, (0.7, 1.5), 0.04),
+}
 
-    Levels: ``none``; ``light`` (small rotation and scaling, contrast); ``standard`` (larger
-    rotation and scaling, contrast, noise).
+
+def training_transform(
+    *, patch_size: Sequence[int], level: str, spatial_dims: int, classification: bool = False
+) -> Compose:
+    """Augmentation in the preset's space, ending in a patch of ``patch_size``.
+
+    Segmentation: pad to the patch (padding = 0 = air), augment image and label alike, crop a
+    random patch. Classification: resize the whole image to the patch, augment the image.
+
+    Levels (each step is a MONAI transform, random under ``Compose.set_random_state``):
+
+    - ``none``.
+    - ``light``: rotation ±10°, scaling ±10 %, gamma.
+    - ``standard``: rotation ±15°, scaling ±15 %, gamma, Gaussian noise, bias field.
+    - ``strong``: rotation ±30°, scaling ±25 %, elastic deformation, left-right and
+      front-back flips (anatomy is not mirror-symmetric; use them when the task allows), gamma,
+      contrast and brightness, noise, blur, bias field.
     """
-    keys = ("image", "label")
-    steps: list[Transform] = [SpatialPadd(keys=keys, spatial_size=patch_size, mode="constant", value=0)]
+    spatial_keys = ("image",) if classification else ("image", "label")
+    interpolation = ("bilinear",) if classification else ("bilinear", "nearest")
+    steps: list[Transform] = []
+    if classification:
+        steps.append(Resized(keys="image", spatial_size=patch_size, mode="area"))
+    else:
+        steps.append(SpatialPadd(keys=spatial_keys, spatial_size=patch_size, mode="constant", value=0))
     if level != "none":
-        rotate = 0.26 if level == "standard" else 0.17  # radians: ±15° or ±10°
-        scale = 0.15 if level == "standard" else 0.1
+        rotate, scale, gamma, noise = _LEVELS[level]
         steps.append(
             RandAffined(
-                keys=keys,
+                keys=spatial_keys,
                 prob=0.7,
                 rotate_range=(rotate,) if spatial_dims == 2 else (rotate, rotate, rotate),
                 scale_range=(scale,) * spatial_dims,
-                mode=("bilinear", "nearest"),
+                mode=interpolation,
                 padding_mode="zeros",
             )
         )
-        steps.append(RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.8, 1.25)))
-        if level == "standard":
-            steps.append(RandGaussianNoised(keys="image", prob=0.3, std=0.02))
-    steps.append(RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False))
+        if level == "strong":
+            if spatial_dims == 2:
+                elastic = Rand2DElasticd(
+                    keys=spatial_keys,
+                    spacing=(16, 16),
+                    magnitude_range=(1, 3),
+                    prob=0.3,
+                    mode=interpolation,
+                    padding_mode="zeros",
+                )
+            else:
+                elastic = Rand3DElasticd(
+                    keys=spatial_keys,
+                    sigma_range=(5, 7),
+                    magnitude_range=(50, 150),
+                    prob=0.2,
+                    mode=interpolation,
+                    padding_mode="zeros",
+                )
+            steps.append(elastic)
+            # Axes of the channel-first array: the last is x (left-right), the one before y.
+            steps.append(RandFlipd(keys=spatial_keys, prob=0.5, spatial_axis=spatial_dims - 1))
+            steps.append(RandFlipd(keys=spatial_keys, prob=0.5, spatial_axis=spatial_dims - 2))
+        steps.append(RandAdjustContrastd(keys="image", prob=0.3, gamma=gamma))
+        if level == "strong":
+            steps.append(RandScaleIntensityd(keys="image", factors=0.2, prob=0.3))
+            steps.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=0.3))
+            steps.append(
+                RandGaussianSmoothd(keys="image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2)
+            )
+        if noise:
+            steps.append(RandGaussianNoised(keys="image", prob=0.3, std=noise))
+            steps.append(RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.1 if level == "strong" else 0.05)))
+    if not classification:
+        steps.append(RandSpatialCropd(keys=spatial_keys, roi_size=patch_size, random_size=False))
     return Compose(steps)

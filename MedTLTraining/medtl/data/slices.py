@@ -22,16 +22,29 @@ def labelled_slices(label: np.ndarray) -> list[int]:
     return [int(z) for z in np.nonzero(label.reshape(label.shape[0], -1).any(axis=1))[0]]
 
 
+def slice_stack(volume: np.ndarray, z: int, context: int) -> np.ndarray:
+    """Slice ``z`` as (1 + 2·context, y, x): its neighbours below and above as extra channels (2.5D),
+    the edge slice repeated at the volume's ends."""
+    indices = np.clip(np.arange(z - context, z + context + 1), 0, volume.shape[0] - 1)
+    return np.ascontiguousarray(volume[indices], dtype=np.float32)
+
+
 def slice_items(
-    volume: np.ndarray, label: np.ndarray, *, slices: Sequence[int] | None = None, case: str = ""
+    volume: np.ndarray,
+    label: np.ndarray,
+    *,
+    slices: Sequence[int] | None = None,
+    case: str = "",
+    context: int = 0,
 ) -> list[dict]:
-    """Training dicts (``image`` (1, y, x) float32, ``label`` (1, y, x) int64) for chosen z slices."""
+    """Training dicts (``image`` (1 + 2·context, y, x) float32, ``label`` (1, y, x) int64) for
+    chosen z slices."""
     if volume.shape != label.shape:
         raise ValueError(f"image {volume.shape} and label {label.shape} differ in shape")
     chosen = labelled_slices(label) if slices is None else list(slices)
     return [
         {
-            "image": np.ascontiguousarray(volume[z][None], dtype=np.float32),
+            "image": slice_stack(volume, z, context),
             "label": np.ascontiguousarray(label[z][None], dtype=np.int64),
             "slice": z,
             "case": case,

@@ -1,14 +1,20 @@
 """The model registry: every network MedTL can fine-tune, by name.
 
-Every registered network is a :class:`SegmentationNet`: an input adapter (replicate grey to RGB
-and normalise as the ImageNet encoder expects, so preprocessing and padding stay in the windowed
-[0, 1] space where 0 means air), a core network, and, where it has one, an ``encoder`` that the
-strategies freeze and unfreeze.
+Every registered network is a :class:`TransferNet`: an input adapter (replicate grey to RGB and
+normalise as an ImageNet encoder expects, so preprocessing and padding stay in the windowed [0, 1]
+space where 0 means air), a core network, and the core's pretrained encoder cut into *stages*
+(input side first). Strategies freeze, unfreeze and set learning rates stage by stage; every
+parameter outside the stages (decoder, new head) is the ``head``.
+
+Segmentation networks output (N, classes + background, *spatial) logits; classifiers output
+(N, classes) logits.
 
 Example:
     >>> net = build_model("unet_resnet18", num_classes=3, pretrained="none")
     >>> net(torch.zeros(2, 1, 64, 64)).shape
     torch.Size([2, 3, 64, 64])
+    >>> len(net.encoder_stages())
+    5
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from monai.networks.nets import FlexibleUNet, SegResNet, UNet
+from monai.networks.nets import FlexibleUNet, SegResNet, SwinUNETR, UNet
 from torch import nn
 
 import medtl.models.encoders  # noqa: F401 - registers the tv-* FlexibleUNet backbones
@@ -28,7 +34,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageNetInput(nn.Module):
-    """Maps a grey image in [0, 1] to the 3-channel, ImageNet-normalised input of the encoder."""
+    """Maps a grey image in [0, 1] to the 3-channel, ImageNet-normalised input of the encoder.
+
+    A 3-channel input (2.5D: a slice and its two neighbours) is normalised as it is.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,31 +50,56 @@ class ImageNetInput(nn.Module):
         return (x - self.mean) / self.std
 
 
-class SegmentationNet(nn.Module):
-    """Input adapter + core network; knows its encoder so strategies can freeze it.
+class TransferNet(nn.Module):
+    """Input adapter + core network; knows its encoder stages so strategies can freeze them.
 
-    While the encoder is frozen its BatchNorm layers stay in eval mode even in ``train()``: their
-    running statistics are part of what was pretrained.
+    Frozen stages keep their BatchNorm layers in eval mode even in ``train()``: their running
+    statistics are part of what was pretrained.
     """
 
-    def __init__(self, core: nn.Module, input_adapter: nn.Module | None = None) -> None:
+    def __init__(self, core: nn.Module, input_adapter: nn.Module | None = None, *, name: str = "") -> None:
         super().__init__()
         self.input_adapter = input_adapter if input_adapter is not None else nn.Identity()
         self.core = core
-        self.encoder_frozen = False
+        self.name = name
+        self.frozen_stages: set[int] = set()
+
+    @property
+    def spec(self) -> ModelSpec:
+        return MODELS[self.name]
 
     @property
     def encoder(self) -> nn.Module | None:
         return getattr(self.core, "encoder", None)
 
+    def encoder_stages(self) -> list[nn.Module]:
+        """The pretrained encoder's stages from the input side to the output side ([] if none)."""
+        stages = self.spec.stages
+        return stages(self.core) if stages is not None else []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.core(self.input_adapter(x))
 
-    def train(self, mode: bool = True) -> SegmentationNet:
+    def train(self, mode: bool = True) -> TransferNet:
         super().train(mode)
-        if mode and self.encoder_frozen and self.encoder is not None:
-            self.encoder.eval()
+        if mode and self.frozen_stages:
+            stages = self.encoder_stages()
+            for index in self.frozen_stages:
+                stages[index].eval()
         return self
+
+
+def _group(*modules: nn.Module) -> nn.Module:
+    # A handle over modules that already live in the network; not attached to it, so the state
+    # dict is unchanged.
+    return nn.ModuleList(modules)
+
+
+def _params_group(**params: nn.Parameter) -> nn.Module:
+    holder = nn.Module()
+    for name, param in params.items():
+        holder.register_parameter(name, param)
+    return holder
 
 
 @dataclass(frozen=True)
@@ -75,9 +109,16 @@ class ModelSpec:
     imagenet: bool  # pretrained ImageNet weights are available through torchvision
     build: Callable[[int, bool], nn.Module]  # (num_classes, imagenet_pretrained) -> core
     description: str
-    has_encoder: bool = True
+    stages: Callable[[nn.Module], list[nn.Module]] | None = None  # core -> encoder stages, input first
+    task: str = "segmentation"  # or "classification"
     adapter: bool = True
     divisor: int = 32  # input sizes must be multiples of this (the encoder's total stride)
+    min_size: int = 16
+    exact_size: int | None = None  # e.g. ViT-B/16's position embedding is for 224 × 224 only
+
+    @property
+    def has_encoder(self) -> bool:
+        return self.stages is not None
 
 
 def _flexible_unet_2d(arch: str) -> Callable[[int, bool], nn.Module]:
@@ -89,6 +130,10 @@ def _flexible_unet_2d(arch: str) -> Callable[[int, bool], nn.Module]:
     return build
 
 
+def _tv_unet_stages(core: nn.Module) -> list[nn.Module]:
+    return list(core.encoder.stages)
+
+
 def _resnet_unet_3d(depth: int) -> Callable[[int, bool], nn.Module]:
     def build(num_classes: int, pretrained: bool) -> nn.Module:
         # MONAI's own ResNet encoder has MedicalNet's layout; its weights come from a local file.
@@ -97,6 +142,16 @@ def _resnet_unet_3d(depth: int) -> Callable[[int, bool], nn.Module]:
         )
 
     return build
+
+
+def resnet_stages(net: nn.Module) -> list[nn.Module]:
+    """Stem, layer1..layer4 of a torchvision or MONAI ResNet (2D or 3D)."""
+    return [_group(net.conv1, net.bn1), net.layer1, net.layer2, net.layer3, net.layer4]
+
+
+def _swinunetr_stages(core: nn.Module) -> list[nn.Module]:
+    vit = core.swinViT
+    return [_group(vit.patch_embed), vit.layers1, vit.layers2, vit.layers3, vit.layers4]
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -113,6 +168,7 @@ for _arch in ("mobilenet_v2", "resnet18", "resnet34", "resnet50", "densenet121",
             spatial_dims=2,
             imagenet=True,
             build=_flexible_unet_2d(_arch),
+            stages=_tv_unet_stages,
             description=f"2D U-Net (MONAI FlexibleUNet) on torchvision's ImageNet {_arch}",
         )
     )
@@ -123,10 +179,24 @@ for _depth in (10, 18, 34, 50):
             spatial_dims=3,
             imagenet=False,
             build=_resnet_unet_3d(_depth),
+            stages=lambda core: resnet_stages(core.encoder),
             description=f"3D U-Net on MONAI's ResNet-{_depth} encoder (MedicalNet/Med3D weights from a file)",
             adapter=False,
         )
     )
+register(
+    ModelSpec(
+        name="swinunetr3d",
+        spatial_dims=3,
+        imagenet=False,
+        # feature_size 48 is the width of the published self-supervised Swin encoder weights.
+        build=lambda n, _p: SwinUNETR(in_channels=1, out_channels=n, feature_size=48, spatial_dims=3),
+        stages=_swinunetr_stages,
+        description="MONAI SwinUNETR (3D); its Swin encoder loads the self-supervised weights from a file",
+        adapter=False,
+        min_size=64,  # instance norm at the 1/32 bottleneck needs more than one voxel
+    )
+)
 register(
     ModelSpec(
         name="unet3d",
@@ -142,7 +212,6 @@ register(
             norm="batch",
         ),
         description="MONAI 3D residual U-Net",
-        has_encoder=False,
         adapter=False,
         divisor=16,
     )
@@ -154,21 +223,25 @@ register(
         imagenet=False,
         build=lambda n, _p: SegResNet(spatial_dims=3, in_channels=1, out_channels=n, init_filters=16, norm="batch"),
         description="MONAI SegResNet (3D)",
-        has_encoder=False,
         adapter=False,
         divisor=8,
     )
 )
 
+from medtl.models.classifiers import register_classifiers  # noqa: E402 - needs ModelSpec and register
 
-def build_model(name: str, *, num_classes: int, pretrained: str = "none") -> SegmentationNet:
+register_classifiers(register)
+
+
+def build_model(name: str, *, num_classes: int, pretrained: str = "none") -> TransferNet:
     """Builds a registered network.
 
     Args:
         name: registry name (see :data:`MODELS`).
-        num_classes: output channels, background included.
-        pretrained: ``"imagenet"``, ``"none"`` or a local weight file (matched key by key; see
-            :func:`medtl.models.weights.load_matching`).
+        num_classes: output channels: background included for segmentation, the classes for a
+            classifier.
+        pretrained: ``"imagenet"``, ``"none"``, a local weight file or a model package (matched
+            key by key; see :func:`medtl.models.weights.load_matching`).
     """
     if name not in MODELS:
         raise ConfigError(f"unknown model '{name}'; registered: {', '.join(sorted(MODELS))}")
@@ -176,7 +249,7 @@ def build_model(name: str, *, num_classes: int, pretrained: str = "none") -> Seg
     if pretrained == "imagenet" and not spec.imagenet:
         raise ConfigError(f"model '{name}' has no ImageNet weights; use 'none' or a weight file")
     core = spec.build(num_classes, pretrained == "imagenet")
-    model = SegmentationNet(core, ImageNetInput() if spec.adapter else None)
+    model = TransferNet(core, ImageNetInput() if spec.adapter else None, name=name)
     if pretrained not in ("imagenet", "none"):
         from medtl.models.weights import load_matching, read_state_dict
 

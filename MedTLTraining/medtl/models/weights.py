@@ -35,6 +35,9 @@ IMAGENET_WEIGHTS = {
     "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
     "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
     "resnet50": "ResNet50_Weights.IMAGENET1K_V2",
+    "resnet101": "ResNet101_Weights.IMAGENET1K_V2",
+    "inception_v3": "Inception_V3_Weights.IMAGENET1K_V1",
+    "vit_b_16": "ViT_B_16_Weights.IMAGENET1K_V1",
     "densenet121": "DenseNet121_Weights.IMAGENET1K_V1",
     "efficientnet_b0": "EfficientNet_B0_Weights.IMAGENET1K_V1",
 }
