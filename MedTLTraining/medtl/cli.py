@@ -168,7 +168,8 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         from medtl.models.registry import MODELS
 
         for name, spec in sorted(MODELS.items()):
-            print(f"{name:24s} {spec.spatial_dims}D  {'ImageNet' if spec.imagenet else 'file   '}  {spec.description}")
+            weights = "ImageNet" if spec.imagenet else "file    "
+            print(f"{name:22s} {spec.spatial_dims}D {spec.task:14s} {weights}  {spec.description}")
         return 0
 
     if args.command == "weights":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -111,7 +112,7 @@ def segmentation_study(args, volume, truth, log) -> list[dict[str, Any]]:
                 result = fit(
                     cfg,
                     items,
-                    run_dir=args.out / "runs" / f"k{k}_{kind}_s{seed}",
+                    run_dir=args.scratch / f"k{k}_{kind}_s{seed}",
                     validate=validate,
                     events=EventSink(),
                 )
@@ -177,7 +178,7 @@ def classification_study(args, volume, truth, log) -> list[dict[str, Any]]:
             cfg = _config(
                 kind, task="classification_2d", epochs=args.epochs, steps=args.steps, batch=args.batch, seed=seed
             )
-            result = fit(cfg, items, run_dir=args.out / "runs" / f"cls_{kind}_s{seed}", events=EventSink())
+            result = fit(cfg, items, run_dir=args.scratch / f"cls_{kind}_s{seed}", events=EventSink())
             probs = predict_class_probabilities(result.model, [p for p, _ in test], size=[64, 64])[:, 1]
             auroc = float(compute_roc_auc(torch.from_numpy(probs), test_labels))
             rows.append({"strategy": kind, "seed": seed, "auroc": auroc, "train_seconds": round(result.seconds, 1)})
@@ -282,6 +283,9 @@ def main(argv=None) -> int:
     if args.quick:
         args.k, args.seeds, args.epochs, args.steps, args.batch = [2], 1, 1, 2, 2
     args.out.mkdir(parents=True, exist_ok=True)
+    # Checkpoints of 75 runs are gigabytes; only the figures are kept.
+    scratch = tempfile.TemporaryDirectory(prefix="medtl-study-")
+    args.scratch = Path(scratch.name)
     seed_offline_weights()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -300,7 +304,7 @@ def main(argv=None) -> int:
         "date": date.today().isoformat(),
         "machine": machine,
         "torch": torch.__version__,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "scratch"},
         "segmentation": seg_rows,
         "classification": cls_rows,
         "total_seconds": round(time.perf_counter() - t0, 1),

@@ -170,7 +170,17 @@ def resample_to_spacing(image: sitk.Image, spacing_zyx: Sequence[float], *, labe
 
 
 def resample_like(image: sitk.Image, reference: sitk.Image, *, labels: bool = False) -> sitk.Image:
-    """``image`` on exactly ``reference``'s grid (back from a working spacing to the input's)."""
+    """``image`` on exactly ``reference``'s grid (back from a working spacing to the input's).
+
+    The coarser grid's outer voxel centres lie inside the input's extent; the rim beyond them takes
+    the nearest value instead of 0, so no input voxel is left without a prediction.
+    """
     return sitk.Resample(
-        image, reference, sitk.Transform(), sitk.sitkNearestNeighbor if labels else sitk.sitkLinear, 0.0
+        image,
+        reference,
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
+        0.0,
+        image.GetPixelID(),
+        True,  # useNearestNeighborExtrapolator
     )
