@@ -206,6 +206,13 @@ def _predict(args: argparse.Namespace, events: EventSink) -> int:
     if package.config.is_classification:
         import json
 
+        from medtl.errors import DataError
+
+        if args.probabilities or args.uncertainty:
+            raise DataError(
+                "--probabilities and --uncertainty are volumes of a segmentation model; a classifier "
+                "writes its class probabilities to --out"
+            )
         from medtl.data.io import atomic_write_text
         from medtl.package import classify_image
 

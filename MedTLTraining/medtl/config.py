@@ -68,7 +68,7 @@ class PreprocessConfig:
             image to it.
         equalize: histogram equalisation after the preset (MRI, X-ray with poor contrast).
         spacing: resample to this (z, y, x) spacing in mm before anything else; predictions are
-            resampled back to the input's grid.
+            resampled back to the input's grid. 2D tasks keep each image's z spacing (in-plane only).
         context_slices: 2.5D: 1 feeds each axial slice with its two neighbours as the three input
             channels of a 2D ImageNet encoder; 0 is plain 2D.
     """
@@ -253,6 +253,8 @@ class RunConfig:
         losses = CLASSIFICATION_LOSSES if self.is_classification else SEGMENTATION_LOSSES
         if self.loss not in losses:
             raise bad("loss", f"'{self.loss}' does not apply to {self.task}; use one of {_choices(losses)}")
+        if self.is_classification and not self.data.multi_label and len(self.data.label_names) < 2:
+            raise bad("data.label_names", "a classifier needs at least two classes (or data.multi_label)")
         if self.data.multi_label and not self.is_classification:
             raise bad("data.multi_label", "applies to classification tasks only")
         if self.loss == "bce" and not self.data.multi_label:

@@ -185,19 +185,33 @@ def load_package(path: str | Path) -> ModelPackage:
 
 
 def working_image(image: sitk.Image, cfg: RunConfig, *, labels: bool = False) -> sitk.Image:
-    """The image on the grid the network works on: resampled to ``preprocessing.spacing`` if set."""
+    """The image on the grid the network works on: resampled to ``preprocessing.spacing`` if set.
+
+    2D tasks resample in-plane only: their samples are the axial slices, and a painted slice must
+    stay a slice (a coarser z grid would drop it, a finer one would invent labels).
+    """
     spacing = cfg.preprocessing.spacing
     if spacing is None or image.GetDimension() != 3:
         return image
+    if cfg.spatial_dims == 2:
+        spacing = [image.GetSpacing()[2], *spacing[1:]]
     return resample_to_spacing(image, spacing, labels=labels)
 
 
 def preprocess(image: sitk.Image, manifest_or_cfg: dict[str, Any] | RunConfig, *, ndim: int = 3) -> np.ndarray:
     """The run's preprocessing applied to a SimpleITK image: resampling (if the run sets a
-    spacing), then the intensity preset. (z, y, x) float32, (y, x) for 2D images (``ndim=2``)."""
+    spacing), then the intensity preset. (z, y, x) float32, (y, x) for 2D images (``ndim=2``).
+
+    For 2D images a single-slice volume (a DICOM radiograph reads as x × y × 1) is taken as its
+    slice, and a colour image (a PNG export) as the mean of its channels.
+    """
     cfg = manifest_or_cfg if isinstance(manifest_or_cfg, RunConfig) else RunConfig.from_dict(manifest_or_cfg["config"])
     pre = cfg.preprocessing
     array = sitk.GetArrayFromImage(working_image(image, cfg)).astype(np.float32)
+    if ndim == 2 and image.GetNumberOfComponentsPerPixel() > 1:
+        array = array.mean(axis=-1)
+    if ndim == 2 and array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
     if array.ndim != ndim:
         raise DataError(f"expected a {ndim}D scalar image, got array shape {array.shape}")
     return np.asarray(intensity_transform(pre.preset, pre.window, equalize=pre.equalize)(array), dtype=np.float32)
@@ -253,10 +267,11 @@ def describe(path: str | Path) -> str:
     m = read_manifest(path)
     lines = [
         f"MedTL model package: {Path(path)}",
-        f"  model:         {m['model']['name']} ({m['model']['spatial_dims']}D, {m['model']['num_classes']} classes)",
+        f"  model:         {m['model']['name']} ({m['model']['spatial_dims']}D, {m['model']['num_classes']} outputs, "
+        f"{m.get('task', 'segmentation')})",
         f"  preprocessing: preset {m['preprocessing']['preset']}"
         + (f", window {m['preprocessing']['window']}" if m["preprocessing"].get("window") else ""),
-        "  labels:        " + ", ".join(f"{e['value']}={e['name']}" for e in m["labels"]),
+        "  labels:        " + ", ".join(f"{e.get('value', e.get('index'))}={e['name']}" for e in m["labels"]),
         f"  created:       {m['created']}",
         "  versions:      " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"  training data: {len(m.get('training_data', []))} file(s)",

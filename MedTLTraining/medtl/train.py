@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -276,10 +277,12 @@ def fit(
 
     val_key = "val_auroc" if cfg.is_classification else "val_dice"
     n_stages = len(model.encoder_stages())
-    plateau = cfg.strategy.name == "gradual_unfreezing" and cfg.strategy.unfreeze_on_plateau
+    strategy = cfg.strategy
+    plateau = strategy.name == "gradual_unfreezing" and strategy.unfreeze_on_plateau
     if plateau and validate is None:
         events.emit("warning", message="unfreezing on a plateau needs validation; unfreezing on the epoch schedule")
         plateau = False
+        strategy = dataclasses.replace(strategy, unfreeze_on_plateau=False)
     if cfg.train.early_stopping_patience and validate is None:
         events.emit("warning", message="early stopping needs validation; training every epoch")
     last = history[-1] if history else {}
@@ -288,6 +291,8 @@ def fit(
     stall = int(last.get("stall", 0))
     plateau_unfrozen = int(last.get("plateau_unfrozen", 0))
     stopped_early = bool(last.get("stopped_early", False))
+    if stopped_early:
+        events.emit("message", message=f"this run stopped early after epoch {last['epoch']}; nothing to resume")
     current = -1
 
     transform = training_transform(
@@ -321,7 +326,7 @@ def fit(
         generator.manual_seed(seed)
         transform.set_random_state(seed=seed % (2**32))
         torch.manual_seed(seed)
-        unfrozen = unfrozen_stages(cfg.strategy, epoch, n_stages, plateau_unfrozen=plateau_unfrozen)
+        unfrozen = unfrozen_stages(strategy, epoch, n_stages, plateau_unfrozen=plateau_unfrozen)
         if n_stages and unfrozen != current:
             set_trainable_stages(model, unfrozen)
             if epoch > start_epoch or unfrozen < n_stages:
@@ -365,18 +370,21 @@ def fit(
             "unfrozen_stages": unfrozen,
             "seconds": round(time.perf_counter() - t0, 2),
         }
+        improved = False
         if validate is not None:
             model.eval()
             record[val_key] = validate(model)
             values = [v for v in record[val_key].values() if not math.isnan(v)]
             score = float(np.mean(values)) if values else None
             record["val_score"] = score
-            if score is not None and (best_score is None or score > best_score):
+            improved = score is not None and (best_score is None or score > best_score)
+            if improved:
                 best_score, best_epoch, stall = score, epoch + 1, 0
-                with atomic_path(best_path) as tmp:
-                    torch.save(model.state_dict(), tmp)
-            else:
+            elif score is not None:
                 stall += 1
+            else:
+                # No class could be scored (e.g. every held-out case lacks them): no evidence either way.
+                events.emit("warning", message=f"epoch {epoch + 1}: no validation score could be computed")
             if plateau and stall >= cfg.strategy.plateau_patience and plateau_unfrozen < n_stages:
                 plateau_unfrozen += 1
                 stall = 0  # the newly unfrozen stage gets its own chance before anything stops
@@ -414,15 +422,31 @@ def fit(
             label=label,
             **({val_key: record[val_key]} if val_key in record else {}),
         )
+        if validate is not None and improved:
+            # After the checkpoint, and tagged with its epoch: a crash in between leaves a best file
+            # that the history does not point at, which the load below refuses.
+            with atomic_path(best_path) as tmp:
+                torch.save({"epoch": epoch + 1, "model": model.state_dict()}, tmp)
         events.emit("checkpoint", path=str(ckpt_path), epoch=epoch + 1)
     final_epoch = history[-1]["epoch"] if history else 0
-    if cfg.train.keep_best and best_epoch is not None and best_epoch != final_epoch and best_path.is_file():
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
-        events.emit(
-            "message",
-            message=f"keeping epoch {best_epoch}'s weights (best validation score {best_score:.4f}), "
-            f"not epoch {final_epoch}'s",
-        )
+    kept_epoch = None
+    if cfg.train.keep_best and best_epoch is not None:
+        if best_epoch == final_epoch:
+            kept_epoch = best_epoch
+        else:
+            best = torch.load(best_path, map_location=device, weights_only=True) if best_path.is_file() else {}
+            if best.get("epoch") == best_epoch:
+                model.load_state_dict(best["model"])
+                kept_epoch = best_epoch
+                events.emit(
+                    "message",
+                    message=f"keeping epoch {best_epoch}'s weights (best validation score {best_score:.4f}), "
+                    f"not epoch {final_epoch}'s",
+                )
+            else:
+                events.emit(
+                    "warning", message=f"{best_path} does not hold epoch {best_epoch}; keeping the last epoch's weights"
+                )
     seconds = time.perf_counter() - t0
     model.eval()
     return FitResult(
@@ -430,7 +454,7 @@ def fit(
         history=history,
         seconds=seconds,
         images_per_s=images / seconds if seconds else 0.0,
-        best_epoch=best_epoch if cfg.train.keep_best else None,
+        best_epoch=kept_epoch,
         stopped_early=stopped_early,
     )
 

@@ -57,7 +57,7 @@ def _config(csv, out, **overrides):
     return RunConfig.from_dict(data)
 
 
-def test_imagenet_classifier_learns_to_find_the_lesion(tmp_path, hub_cache):
+def test_imagenet_classifier_learns_to_find_the_lesion(tmp_path, hub_cache, capsys):
     csv = _write_classification_set(tmp_path)
     cfg = _config(csv, tmp_path / "run")
     seen = []
@@ -71,12 +71,29 @@ def test_imagenet_classifier_learns_to_find_the_lesion(tmp_path, hub_cache):
 
     out = tmp_path / "pred.json"
     lesion_image = tmp_path / "img01.nrrd"
-    assert main(["predict", "--model", str(tmp_path / "run" / "model"), "--image", str(lesion_image),
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "run" / "model"),
+                "--image",
+                str(lesion_image),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     probabilities = json.loads(out.read_text())["probabilities"]
     assert set(probabilities) == {"normal", "lesion"}
     assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     assert probabilities["lesion"] > 0.5
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "run" / "model")]) == 0
+    text = capsys.readouterr().out
+    assert "classification_2d" in text and "0=normal, 1=lesion" in text
 
 
 def test_multi_label_targets_and_training(tmp_path):
@@ -113,6 +130,7 @@ def test_unknown_class_names_the_row(tmp_path):
         ({"model": {"name": "unet_resnet18"}}, "segmentation network but task is classification_2d"),
         ({"model": {"name": "cls_vit_b_16"}}, "224 pixels a side"),
         ({"model": {"name": "cls_inception_v3"}}, "at least 75"),
+        ({"data": {"label_names": ["lesion"]}}, "at least two classes"),
     ],
 )
 def test_classification_config_mistakes_are_named(tmp_path, overrides, message):
@@ -134,6 +152,53 @@ def test_3d_classifier_trains_and_predicts(tmp_path):
     metrics = run_training(cfg, events=EventSink())
     assert set(metrics["val_auroc"]) == {"normal", "lesion"}
     out = tmp_path / "pred.json"
-    assert main(["predict", "--model", str(tmp_path / "run" / "model"), "--image", str(tmp_path / "img00.nrrd"),
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "run" / "model"),
+                "--image",
+                str(tmp_path / "img00.nrrd"),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert sum(json.loads(out.read_text())["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_radiographs_as_single_slice_volumes_and_colour_exports_read_as_2d(tmp_path):
+    from medtl.package import preprocess
+
+    cfg = _config(tmp_path / "set.csv", tmp_path)
+    single = sitk.GetImageFromArray(np.arange(64 * 48, dtype=np.float32).reshape(1, 64, 48))  # x × y × 1, as DICOM CR
+    assert preprocess(single, cfg, ndim=2).shape == (64, 48)
+    rgb = sitk.GetImageFromArray(np.random.rand(64, 48, 3).astype(np.float32), isVector=True)
+    grey = preprocess(rgb, cfg, ndim=2)
+    assert grey.shape == (64, 48) and 0.0 <= grey.min() and grey.max() <= 1.0
+    with pytest.raises(DataError, match="2D scalar image"):
+        preprocess(sitk.Image(8, 8, 4, sitk.sitkFloat32), cfg, ndim=2)
+
+
+def test_classifier_refuses_segmentation_outputs(tmp_path, capsys):
+    csv = _write_classification_set(tmp_path, n=8)
+    cfg = _config(csv, tmp_path / "run", model={"pretrained": "none"}, train={"epochs": 1, "steps_per_epoch": 1})
+    run_training(cfg, events=EventSink())
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(tmp_path / "run" / "model"),
+            "--image",
+            str(tmp_path / "img00.nrrd"),
+            "--out",
+            str(tmp_path / "p.json"),
+            "--probabilities",
+            str(tmp_path / "p.nrrd"),
+            "--quiet",
+        ]
+    )
+    assert code == 2 and "segmentation model" in capsys.readouterr().err

@@ -142,3 +142,17 @@ def test_load_matching_skips_shape_mismatch():
     bad = {head: torch.zeros(5, 5, 3, 3)}
     report = load_matching(model, bad)
     assert report.skipped == [head] and report.matched == []
+
+
+@pytest.mark.parametrize(("depth", "shortcut_a"), [(10, False), (18, True), (34, True), (50, False)])
+def test_3d_classifiers_have_medicalnets_layout(depth, shortcut_a):
+    # MedicalNet (Chen et al. 2019): conv1 7x7x7 stride 2; shortcut A (no downsample weights) for
+    # ResNet-18/34, B (a 1x1x1 convolution) for 10 and 50.
+    core = build_model(f"cls3d_resnet{depth}", num_classes=2).core
+    assert core.conv1.kernel_size == (7, 7, 7) and core.conv1.stride == (2, 2, 2)
+    has_downsample = any("downsample" in key for key in core.state_dict())
+    assert has_downsample != shortcut_a
+
+
+def test_inception_rebuilt_from_a_package_normalises_its_input_as_trained():
+    assert build_model("cls_inception_v3", num_classes=2, pretrained="none").core.transform_input

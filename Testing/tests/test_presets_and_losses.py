@@ -166,3 +166,22 @@ def test_classification_losses(name, multi_label):
         right = torch.nn.functional.one_hot(target[:, 0], 3).float() * 20 - 10
         wrong = -right
     assert loss_fn(right, target) < loss_fn(wrong, target)
+
+
+def test_2d_tasks_resample_in_plane_only():
+    from medtl.config import RunConfig
+    from medtl.package import working_image
+
+    image = sitk.Image(30, 40, 10, sitk.sitkFloat32)
+    image.SetSpacing((0.8, 0.8, 3.0))
+    cfg2d = RunConfig.from_dict({"preprocessing": {"spacing": [1.0, 1.6, 1.6]}, "model": {"pretrained": "none"}})
+    assert working_image(image, cfg2d).GetSize() == (15, 20, 10), "painted slices must stay slices"
+    cfg3d = RunConfig.from_dict(
+        {
+            "task": "segmentation_3d",
+            "model": {"name": "unet3d", "pretrained": "none"},
+            "strategy": {"name": "full_finetune"},
+            "preprocessing": {"spacing": [1.0, 1.6, 1.6], "patch_size": [32, 32, 32]},
+        }
+    )
+    assert working_image(image, cfg3d).GetSize() == (15, 20, 30)

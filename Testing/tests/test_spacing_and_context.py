@@ -22,8 +22,9 @@ def test_a_run_at_another_spacing_with_neighbouring_slices_predicts_on_the_input
         )
     )
     image, _ = synthetic_case(0)
-    # The synthetic grid is (0.8, 0.9, 2.5) mm in (x, y, z): the network sees 4 × 36 × 32 voxels.
-    assert preprocess(image, cfg).shape == (4, 36, 32)
+    # The synthetic grid is (0.8, 0.9, 2.5) mm in (x, y, z); a 2D task resamples in-plane only, so the
+    # network sees the same 8 slices at 36 × 32.
+    assert preprocess(image, cfg).shape == (8, 36, 32)
     items = training_items(load_cases(synthetic_dataset)[:1], cfg)
     assert items and all(item["image"].shape == (3, 36, 32) and item["label"].shape == (1, 36, 32) for item in items)
 

@@ -215,3 +215,38 @@ def test_bad_strategy_settings_name_the_field(fields, message):
 
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_dict({"model": {"name": "unet_resnet18", "pretrained": "none"}, **fields})
+
+
+def test_plateau_without_validation_falls_back_to_the_schedule(tmp_path):
+    cfg = _cfg("gradual_unfreezing", epochs=3, unfreeze_every=1, unfreeze_on_plateau=True)
+    warnings = []
+    result = fit(cfg, _items(), run_dir=tmp_path, events=EventSink(listeners=[warnings.append]))
+    assert [h["unfrozen_stages"] for h in result.history] == [0, 1, 2]
+    assert any("needs validation" in e.get("message", "") for e in warnings if e["event"] == "warning")
+
+
+def test_an_unscorable_epoch_is_not_a_stall(tmp_path):
+    cfg = _cfg("full_finetune", epochs=4)
+    cfg.train.early_stopping_patience = 1
+    result = fit(cfg, _items(), run_dir=tmp_path, validate=_scripted_validation([0.5, float("nan"), float("nan"), 0.6]))
+    assert len(result.history) == 4 and not result.stopped_early and result.best_epoch == 4
+
+
+def test_resuming_a_run_that_stopped_early_trains_no_further(tmp_path):
+    cfg = _cfg("full_finetune", epochs=5)
+    cfg.train.early_stopping_patience = 1
+    first = fit(cfg, _items(), run_dir=tmp_path, validate=_scripted_validation([0.5, 0.4, 0.9, 0.9, 0.9]))
+    assert len(first.history) == 2 and first.stopped_early and first.best_epoch == 1
+    events = []
+    again = fit(
+        cfg,
+        _items(),
+        run_dir=tmp_path,
+        resume=True,
+        validate=_scripted_validation([]),
+        events=EventSink(listeners=[events.append]),
+    )
+    assert len(again.history) == 2 and again.best_epoch == 1
+    assert any("stopped early" in e.get("message", "") for e in events)
+    for key, value in again.model.state_dict().items():
+        torch.testing.assert_close(value, first.model.state_dict()[key])

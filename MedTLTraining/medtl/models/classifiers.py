@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch  # noqa: F401 - the example uses it
 import torchvision
 from monai.networks.nets import resnet as monai_resnet
+from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
 from torch import nn
 
 
@@ -99,7 +100,9 @@ def _tv_classifier(arch: str) -> Callable[[int, bool], nn.Module]:
         if arch == "inception_v3":
             # As torchvision builds it for its ImageNet weights: the auxiliary head exists to take
             # the file's keys, and the input is re-normalised the way those weights were trained.
-            kwargs = {"aux_logits": True, "transform_input": pretrained, "init_weights": not pretrained}
+            # transform_input is not a weight: it must be on whenever the network is rebuilt (from a
+            # package too), because MedTL's input adapter always hands it ImageNet-normalised input.
+            kwargs = {"aux_logits": True, "transform_input": True, "init_weights": not pretrained}
         net = getattr(torchvision.models, arch)(weights=None, **kwargs)
         if pretrained:
             from medtl.models.weights import imagenet_state_dict
@@ -116,9 +119,16 @@ def _tv_classifier(arch: str) -> Callable[[int, bool], nn.Module]:
 
 def _monai_resnet_3d(depth: int) -> Callable[[int, bool], nn.Module]:
     def build(num_classes: int, pretrained: bool) -> nn.Module:
-        # MedicalNet's layout (conv1 7×7×7, shortcut B), so its files load key by key.
+        # MedicalNet's layout, so its files load key by key: conv1 7×7×7 with stride 2, and the
+        # shortcut type and downsample bias MedicalNet used for this depth (A for 18 and 34).
+        bias_downsample, shortcut_type = get_medicalnet_pretrained_resnet_args(depth)
         return getattr(monai_resnet, f"resnet{depth}")(
-            spatial_dims=3, n_input_channels=1, num_classes=num_classes, shortcut_type="B"
+            spatial_dims=3,
+            n_input_channels=1,
+            num_classes=num_classes,
+            conv1_t_stride=2,
+            shortcut_type=shortcut_type,
+            bias_downsample=bias_downsample,
         )
 
     return build
