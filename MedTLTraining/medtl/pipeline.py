@@ -217,10 +217,11 @@ def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> 
         "seconds": round(result.seconds, 1),
     }
     if score is not None:
-        # Scored again: the package holds the best epoch's weights (keep_best), and a resumed run
-        # with nothing left to train has not scored this network yet.
+        # The last validation scored the packaged network unless the package holds an earlier, best
+        # epoch's weights, or a resumed run had nothing left to train: then it is scored again.
         key = "val_auroc" if cfg.is_classification else "val_dice"
-        metrics[key] = score(result.model)
+        scored = bool(per_case) and result.best_epoch in (None, result.history[-1]["epoch"])
+        metrics[key] = result.history[-1][key] if scored else score(result.model)
         metrics[f"val_cases_{key.removeprefix('val_')}"] = list(per_case)
         metrics.update(best_epoch=result.best_epoch, stopped_early=result.stopped_early)
     metrics["epochs_trained"] = len(result.history)

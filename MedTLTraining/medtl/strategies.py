@@ -39,14 +39,6 @@ from typing import Any
 from medtl.config import StrategyConfig
 from medtl.models.registry import TransferNet
 
-DESCRIPTIONS = {
-    "feature_extraction": "frozen pretrained encoder (and its BatchNorm statistics); only the new head trains",
-    "full_finetune": "everything trains, the encoder at a smaller learning rate, after warm-up",
-    "feature_extraction_then_finetune": "frozen encoder first, then everything at a smaller encoder learning rate",
-    "gradual_unfreezing": "head first, then encoder stages unfrozen from the top down on a schedule or on a plateau",
-    "discriminative_lr": "everything trains; learning rates decay stage by stage towards the input",
-}
-
 
 def unfrozen_stages(strategy: StrategyConfig, epoch: int, n_stages: int, *, plateau_unfrozen: int = 0) -> int:
     """How many encoder stages, counted from the output side, train during ``epoch`` (0-based).

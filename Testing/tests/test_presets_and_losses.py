@@ -20,6 +20,14 @@ def test_every_preset_keeps_the_shape_and_gives_finite_values(preset, equalize):
         assert out.min() >= 0.0 and out.max() <= 1.0
 
 
+def test_every_configurable_preset_is_built():
+    import typing
+
+    from medtl.config import Preset
+
+    assert set(PRESETS) == set(typing.get_args(Preset))
+
+
 def test_ct_window_clips_at_its_hounsfield_limits():
     low, high = CT_WINDOWS["ct_lung"]
     out = np.asarray(intensity_transform("ct_lung")(np.array([low - 1, low, (low + high) / 2, high, high + 1])))

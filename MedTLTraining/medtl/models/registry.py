@@ -95,13 +95,6 @@ def _group(*modules: nn.Module) -> nn.Module:
     return nn.ModuleList(modules)
 
 
-def _params_group(**params: nn.Parameter) -> nn.Module:
-    holder = nn.Module()
-    for name, param in params.items():
-        holder.register_parameter(name, param)
-    return holder
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
