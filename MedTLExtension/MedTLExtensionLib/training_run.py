@@ -56,6 +56,7 @@ NETWORKS_2D = (
     "unet_resnet18",
     "unet_resnet34",
     "unet_resnet50",
+    "unet_resnet101",
     "unet_densenet121",
     "unet_efficientnet_b0",
 )

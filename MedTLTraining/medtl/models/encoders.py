@@ -61,6 +61,7 @@ ARCHS: dict[str, tuple[Callable[[nn.Module], list[nn.Module]], tuple[int, ...]]]
     "resnet18": (_resnet_stages, (64, 64, 128, 256, 512)),
     "resnet34": (_resnet_stages, (64, 64, 128, 256, 512)),
     "resnet50": (_resnet_stages, (64, 256, 512, 1024, 2048)),
+    "resnet101": (_resnet_stages, (64, 256, 512, 1024, 2048)),
     "densenet121": (_densenet_stages, (64, 256, 512, 1024, 1024)),
     "efficientnet_b0": (_efficientnet_stages, (16, 24, 40, 112, 320)),
 }

@@ -154,7 +154,7 @@ def register(spec: ModelSpec) -> None:
     MODELS[spec.name] = spec
 
 
-for _arch in ("mobilenet_v2", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0"):
+for _arch in ("mobilenet_v2", "resnet18", "resnet34", "resnet50", "resnet101", "densenet121", "efficientnet_b0"):
     register(
         ModelSpec(
             name=f"unet_{_arch}",
