@@ -75,7 +75,7 @@ class EngineProcess:
 
         self._parse = parse_line
         args = list(args)
-        if "--events" not in args and args and args[0] in ("train", "predict", "demo"):
+        if "--events" not in args and args and args[0] in ("train", "predict", "demo", "adapt"):
             args += ["--events", "-"]
         self.args = args
         full_env = {**os.environ, **(env or {})}

@@ -2,7 +2,8 @@
 
     medtl demo [--out DIR] [--slices K] [--compare-scratch] [--device auto|cpu|cuda]
     medtl train CONFIG [--resume]
-    medtl predict --model PKG --image IMG --out SEG [--probabilities PROB] [--uncertainty UNC]
+    medtl predict --model PKG --image IMG --out SEG [--probabilities PROB] [--uncertainty UNC] [--domain D]
+    medtl adapt --model PKG (--data CSV | --image IMG ...) --out PKG2 [--domain D]
     medtl device [--device auto|cpu|cuda]
     medtl info PKG
     medtl models
@@ -71,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--probabilities", help="also write the foreground probability volume (0..1) here")
     p.add_argument("--uncertainty", help="also write the normalised entropy of the class probabilities (0..1) here")
+    p.add_argument("--domain", help="the image's domain (site), for a package with one BatchNorm per domain")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "adapt", help="AdaBN: re-estimate a package's BatchNorm statistics on unlabelled target-domain images"
+    )
+    p.add_argument("--model", required=True, help="model package directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="CSV of target-domain images (an 'image' column; labels are not used)")
+    source.add_argument("--image", action="append", help="a target-domain image (repeat for several)")
+    p.add_argument("--out", required=True, help="the adapted model package (a new directory)")
+    p.add_argument(
+        "--domain", help="for a package with one BatchNorm per domain: the domain to re-estimate, or a new one to add"
+    )
     _add_common(p)
 
     p = sub.add_parser("device", help="say where a run would compute, and why not on the GPU (JSON)")
@@ -152,6 +167,26 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
     if args.command == "predict":
         return _predict(args, make_sink())
 
+    if args.command == "adapt":
+        from medtl.adaptation.adapt_package import adapt_package
+        from medtl.data.dataset import load_cases
+        from medtl.train import resolve_device
+
+        events = make_sink()
+        images = [c.image for c in load_cases(args.data, require_labels=False)] if args.data else args.image
+        out = adapt_package(
+            args.model,
+            images,
+            args.out,
+            domain=args.domain,
+            device=resolve_device(args.device or "auto", events),
+            events=events,
+        )
+        events.emit("done", package=str(out))
+        if args.events != "-":
+            print(f"adapted model package written to {out}")
+        return 0
+
     if args.command == "info":
         from medtl.package import describe
 
@@ -216,13 +251,13 @@ def _predict(args: argparse.Namespace, events: EventSink) -> int:
         from medtl.data.io import atomic_write_text
         from medtl.package import classify_image
 
-        probabilities = classify_image(package, image, device=device)
+        probabilities = classify_image(package, image, device=device, domain=args.domain)
         atomic_write_text(
             args.out, json.dumps({"image": Path(args.image).name, "probabilities": probabilities}, indent=2)
         )
         events.emit("done", output=str(args.out), probabilities=probabilities)
         return 0
-    labels, probs = segment_image(package, image, device=device, events=events)
+    labels, probs = segment_image(package, image, device=device, events=events, domain=args.domain)
     out = Path(args.out)
     if out.name.endswith(".seg.nrrd"):
         import SimpleITK as sitk

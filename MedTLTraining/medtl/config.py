@@ -31,6 +31,7 @@ Loss = Literal["dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal", "b
 SEGMENTATION_LOSSES = ("dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal")
 CLASSIFICATION_LOSSES = ("ce", "ce_weighted", "focal", "bce")
 Device = Literal["auto", "cpu", "cuda"]
+AdaptationMethod = Literal["none", "adabn", "dsbn", "dann"]
 
 
 @dataclass
@@ -116,6 +117,28 @@ class StrategyConfig:
 
 
 @dataclass
+class AdaptationConfig:
+    """Domain adaptation (see :mod:`medtl.adaptation`).
+
+    Attributes:
+        method: ``adabn``: after training, BatchNorm statistics re-estimated on ``target_csv``'s
+            images; ``dsbn``: one BatchNorm per value of ``domain_column`` in the training CSV;
+            ``dann``: adversarial training with ``target_csv``'s unlabelled images.
+        domain_column: ``dsbn``: the CSV column naming each case's domain (site, scanner).
+        target_csv: ``adabn``, ``dann``: a CSV of unlabelled target-domain images (``image`` column;
+            a ``label`` column is ignored). Relative to the config file, like ``data.csv``.
+        dann_weight: ``dann``: the largest weight of the reversed domain gradient (reached by the ramp).
+        dann_gamma: ``dann``: steepness of the ramp ``2 / (1 + exp(-γ·progress)) − 1``.
+    """
+
+    method: AdaptationMethod = "none"
+    domain_column: str = "site"
+    target_csv: str = ""
+    dann_weight: float = 1.0
+    dann_gamma: float = 10.0
+
+
+@dataclass
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay (per step)."""
 
@@ -154,6 +177,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
     augmentation: Augmentation = "light"
     loss: Loss = "dice_ce"
     output_dir: str = "runs/latest"
@@ -177,6 +201,8 @@ class RunConfig:
         # A CSV path in a config file is relative to that file, so configs can be moved with data.
         if cfg.data.csv and not Path(cfg.data.csv).is_absolute():
             cfg.data.csv = str((path.parent / cfg.data.csv).resolve())
+        if cfg.adaptation.target_csv and not Path(cfg.adaptation.target_csv).is_absolute():
+            cfg.adaptation.target_csv = str((path.parent / cfg.adaptation.target_csv).resolve())
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +287,20 @@ class RunConfig:
             raise bad("loss", "'bce' is for multi-label classification (data.multi_label); 'ce' for one class")
         if self.data.multi_label and self.loss not in ("bce", "focal"):
             raise bad("loss", "multi-label classification needs independent sigmoid outputs: 'bce' or 'focal'")
+        adaptation = self.adaptation
+        if adaptation.method in ("adabn", "dann") and not adaptation.target_csv:
+            raise bad("adaptation.target_csv", f"'{adaptation.method}' needs a CSV of unlabelled target-domain images")
+        if adaptation.method == "dsbn":
+            if not adaptation.domain_column:
+                raise bad("adaptation.domain_column", "'dsbn' needs the CSV column that names each case's domain")
+            if adaptation.domain_column == self.data.group_column:
+                raise bad(
+                    "adaptation.domain_column",
+                    "holding out whole domains for validation (data.group_column) would leave their BatchNorm "
+                    "untrained; group the split by another column (e.g. patient)",
+                )
+        if adaptation.dann_weight < 0 or adaptation.dann_gamma <= 0:
+            raise bad("adaptation.dann_weight", "dann_weight must not be negative and dann_gamma must be positive")
         from medtl.models.registry import MODELS
 
         if self.model.name not in MODELS:
@@ -290,6 +330,8 @@ class RunConfig:
                 "strategy.name",
                 f"'{self.model.name}' has no separate pretrained encoder; only 'full_finetune' applies",
             )
+        if adaptation.method == "dann" and not spec.has_encoder:
+            raise bad("adaptation.method", f"'dann' reads the encoder's features; '{self.model.name}' has no encoder")
         if self.model.pretrained == "imagenet" and not spec.imagenet:
             raise bad(
                 "model.pretrained",

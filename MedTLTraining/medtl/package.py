@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
@@ -80,6 +81,33 @@ class ModelPackage:
     def segments(self) -> list[tuple[int, str, tuple[float, float, float]]]:
         return [(e["value"], e["name"], tuple(e["color"])) for e in self.labels if e["value"] != 0]
 
+    @property
+    def domains(self) -> list[str]:
+        """The domains of a domain-specific BatchNorm network, in index order ([] for others)."""
+        return list(self.manifest.get("domains") or [])
+
+    def domain_context(self, domain: str | None = None):
+        """The block in which the network normalises as ``domain`` (default: the package's default
+        domain); a no-op for networks without domain-specific BatchNorm."""
+        from medtl.adaptation.dsbn import use_domain
+
+        if not self.domains:
+            if domain:
+                raise DataError(f"{self.path} has no domain-specific BatchNorm; a domain does not apply")
+            return contextlib.nullcontext()
+        domain = domain or self.manifest.get("default_domain")
+        if not domain:
+            raise DataError(
+                f"{self.path} normalises each domain separately: name one of {', '.join(self.domains)} "
+                "(or adapt it to a new one with 'medtl adapt')"
+            )
+        if domain not in self.domains:
+            raise DataError(
+                f"{self.path}: unknown domain '{domain}'; known: {', '.join(self.domains)}. Adapt the package "
+                "to it first ('medtl adapt --domain')"
+            )
+        return use_domain(self.model, self.domains.index(domain))
+
 
 def versions() -> dict[str, str]:
     import monai
@@ -101,10 +129,15 @@ def save_package(
     cfg: RunConfig,
     *,
     training_files: Sequence[str | Path] = (),
+    training_data: Sequence[dict[str, str]] | None = None,
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Writes a package directory; built beside the target and renamed, so it appears whole."""
+    """Writes a package directory; built beside the target and renamed, so it appears whole.
+
+    ``training_data`` (name and sha256 records) stands for ``training_files`` when the files are
+    no longer at hand (a package derived from another one).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -132,7 +165,11 @@ def save_package(
                 else label_table(cfg.data.label_names)
             ),
             "config": cfg.to_dict(),
-            "training_data": [{"file": Path(f).name, "sha256": sha256_file(f)} for f in training_files],
+            "training_data": (
+                list(training_data)
+                if training_data is not None
+                else [{"file": Path(f).name, "sha256": sha256_file(f)} for f in training_files]
+            ),
             "metrics": metrics or {},
             "versions": versions(),
             "files": {WEIGHTS: sha256_file(tmp / WEIGHTS)},
@@ -179,6 +216,10 @@ def load_package(path: str | Path) -> ModelPackage:
         raise WeightsError(f"{path}: manifest lists no hash for {WEIGHTS}")
     cfg = RunConfig.from_dict(manifest["config"])
     model = build_model(cfg.model.name, num_classes=cfg.num_classes, pretrained="none")
+    if manifest.get("domains"):
+        from medtl.adaptation.dsbn import convert_to_dsbn
+
+        convert_to_dsbn(model, len(manifest["domains"]))
     model.load_state_dict(load_file(str(path / WEIGHTS)))
     model.eval()
     return ModelPackage(path=path, manifest=manifest, model=model)
@@ -218,24 +259,33 @@ def preprocess(image: sitk.Image, manifest_or_cfg: dict[str, Any] | RunConfig, *
 
 
 def segment_image(
-    package: ModelPackage, image: sitk.Image, *, device: str | torch.device = "cpu", events=None
+    package: ModelPackage,
+    image: sitk.Image,
+    *,
+    device: str | torch.device = "cpu",
+    events=None,
+    domain: str | None = None,
 ) -> tuple[sitk.Image, np.ndarray]:
-    """Label image (the input's geometry exactly) and softmax probabilities (C, z, y, x)."""
+    """Label image (the input's geometry exactly) and softmax probabilities (C, z, y, x).
+
+    ``domain``: the image's domain for a domain-specific BatchNorm package.
+    """
     from medtl.infer import predict_volume
 
     cfg = package.config
     if cfg.is_classification:
         raise DataError(f"{package.path} is a classifier; it gives class probabilities, not a segmentation")
     volume = preprocess(image, cfg)
-    probs = predict_volume(
-        package.model,
-        volume,
-        spatial_dims=cfg.spatial_dims,
-        patch_size=cfg.preprocessing.patch_size,
-        context_slices=cfg.preprocessing.context_slices,
-        device=device,
-        events=events,
-    )
+    with package.domain_context(domain):
+        probs = predict_volume(
+            package.model,
+            volume,
+            spatial_dims=cfg.spatial_dims,
+            patch_size=cfg.preprocessing.patch_size,
+            context_slices=cfg.preprocessing.context_slices,
+            device=device,
+            events=events,
+        )
     if cfg.preprocessing.spacing is not None:
         # Probabilities go back to the input's grid (linear), then the argmax: smoother edges than
         # resampling the label map.
@@ -248,7 +298,9 @@ def segment_image(
     return array_like(labels, image), probs
 
 
-def classify_image(package: ModelPackage, image: sitk.Image, *, device: str | torch.device = "cpu") -> dict[str, float]:
+def classify_image(
+    package: ModelPackage, image: sitk.Image, *, device: str | torch.device = "cpu", domain: str | None = None
+) -> dict[str, float]:
     """Class probabilities of one image (softmax, or one sigmoid per class when multi-label)."""
     from medtl.infer import predict_class_probabilities
 
@@ -256,9 +308,10 @@ def classify_image(package: ModelPackage, image: sitk.Image, *, device: str | to
     if not cfg.is_classification:
         raise DataError(f"{package.path} is a segmentation model; use it to segment, not to classify")
     array = preprocess(image, cfg, ndim=cfg.spatial_dims)
-    probs = predict_class_probabilities(
-        package.model, [array], size=cfg.preprocessing.patch_size, multi_label=cfg.data.multi_label, device=device
-    )[0]
+    with package.domain_context(domain):
+        probs = predict_class_probabilities(
+            package.model, [array], size=cfg.preprocessing.patch_size, multi_label=cfg.data.multi_label, device=device
+        )[0]
     return {name: float(p) for name, p in zip(cfg.data.label_names, probs, strict=True)}
 
 
@@ -276,6 +329,14 @@ def describe(path: str | Path) -> str:
         "  versions:      " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"  training data: {len(m.get('training_data', []))} file(s)",
     ]
+    for step in m.get("adaptation", []):
+        target = step.get("target", {})
+        lines.append(
+            f"  adaptation:    {step['method']}"
+            + (f", domains {', '.join(step['domains'])}" if step.get("domains") else "")
+            + (f", domain {step['domain']}" if step.get("domain") else "")
+            + (f", {target['images']} target image(s) (sha256 {target['combined_sha256'][:12]}…)" if target else "")
+        )
     if m.get("metrics"):
         lines.append("  metrics:       " + json.dumps(m["metrics"], sort_keys=True)[:400])
     return "\n".join(lines)

@@ -6,6 +6,7 @@ A run directory holds ``config.json``, ``checkpoint.pt`` (resumable), ``events.j
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -68,25 +69,58 @@ def classification_image(case: Case, cfg: RunConfig) -> np.ndarray:
     return preprocess(read_image(case.image), cfg, ndim=cfg.spatial_dims)[None]
 
 
-def training_items(cases: list[Case], cfg: RunConfig) -> list[dict]:
-    if cfg.is_classification:
-        return [
-            {"image": classification_image(case, cfg), "label": class_target(case, cfg), "case": case.image.name}
-            for case in cases
-        ]
+def training_items(cases: list[Case], cfg: RunConfig, domain_of: Callable[[Case], int] | None = None) -> list[dict]:
+    """Training samples; with ``domain_of`` each carries its case's ``domain`` index (DSBN)."""
     items: list[dict] = []
     for case in cases:
-        _, volume, labels = load_case_arrays(case, cfg)
-        if cfg.spatial_dims == 2:
-            slices = None if cfg.data.labelled_slices else range(volume.shape[0])
-            items += slice_items(
-                volume, labels, slices=slices, case=case.image.name, context=cfg.preprocessing.context_slices
-            )
+        if cfg.is_classification:
+            new = [{"image": classification_image(case, cfg), "label": class_target(case, cfg)}]
         else:
-            items.append({"image": volume[None], "label": labels[None], "case": case.image.name})
+            _, volume, labels = load_case_arrays(case, cfg)
+            if cfg.spatial_dims == 2:
+                slices = None if cfg.data.labelled_slices else range(volume.shape[0])
+                new = slice_items(volume, labels, slices=slices, context=cfg.preprocessing.context_slices)
+            else:
+                new = [{"image": volume[None], "label": labels[None]}]
+        for item in new:
+            item["case"] = case.image.name
+            if domain_of is not None:
+                item["domain"] = domain_of(case)
+        items += new
     if not items:
         raise DataError("the training cases hold no labelled voxels")
     return items
+
+
+def unlabelled_items(cases: list[Case], cfg: RunConfig) -> list[dict]:
+    """Target-domain samples for adversarial training: every image (every slice for 2D
+    segmentation), with an all-zero ``label`` that only rides through the augmentation."""
+    items: list[dict] = []
+    for case in cases:
+        if cfg.is_classification:
+            image = classification_image(case, cfg)
+            items.append({"image": image, "label": np.zeros(len(cfg.data.label_names) if cfg.data.multi_label else 1)})
+            continue
+        volume = preprocess(read_image(case.image), cfg)
+        blank = np.zeros(volume.shape, np.int64)
+        if cfg.spatial_dims == 2:
+            items += slice_items(volume, blank, slices=range(volume.shape[0]), context=cfg.preprocessing.context_slices)
+        else:
+            items.append({"image": volume[None], "label": blank[None]})
+    return items
+
+
+def case_domains(cases: list[Case], column: str) -> list[str]:
+    """The sorted domain names of ``column``; a row without one is an error that names it."""
+    missing = [c.row for c in cases if not (c.extra.get(column) or "").strip()]
+    if missing:
+        present = sorted({k for c in cases for k in c.extra})
+        where = f"no value in CSV row(s) {missing[:5]}" if present and column in present else "no such column"
+        raise DataError(
+            f"adaptation.domain_column '{column}': {where}"
+            + (f" (columns: {', '.join(present)})" if column not in present else "")
+        )
+    return sorted({c.extra[column].strip() for c in cases})
 
 
 def split_cases(cases: list[Case], fraction: float, seed: int, group_column: str = "") -> tuple[list[Case], list[Case]]:
@@ -115,14 +149,16 @@ def split_cases(cases: list[Case], fraction: float, seed: int, group_column: str
 
 
 def validation_scorer(
-    val_cases: list[Case], cfg: RunConfig, device
+    val_cases: list[Case], cfg: RunConfig, device, domain_of: Callable[[Case], int] | None = None
 ) -> tuple[Callable[[torch.nn.Module], dict[str, float]], list[dict]]:
     """A function scoring a network on the held-out cases (mean Dice per label name), and the
-    per-case scores of its last call. The cases are read once."""
+    per-case scores of its last call. The cases are read once. ``domain_of`` gives each case's
+    domain for a domain-specific BatchNorm network."""
+    from medtl.adaptation.dsbn import use_domain
     from medtl.infer import predict_volume
 
     if cfg.is_classification:
-        return classification_scorer(val_cases, cfg, device)
+        return classification_scorer(val_cases, cfg, device, domain_of)
     loaded = [(case, *load_case_arrays(case, cfg)[1:]) for case in val_cases]
     classes = list(range(1, cfg.num_classes))
     last: list[dict] = []
@@ -130,14 +166,15 @@ def validation_scorer(
     def score(model) -> dict[str, float]:
         last.clear()
         for case, volume, labels in loaded:
-            probs = predict_volume(
-                model,
-                volume,
-                spatial_dims=cfg.spatial_dims,
-                patch_size=cfg.preprocessing.patch_size,
-                context_slices=cfg.preprocessing.context_slices,
-                device=device,
-            )
+            with use_domain(model, domain_of(case)) if domain_of else contextlib.nullcontext():
+                probs = predict_volume(
+                    model,
+                    volume,
+                    spatial_dims=cfg.spatial_dims,
+                    patch_size=cfg.preprocessing.patch_size,
+                    context_slices=cfg.preprocessing.context_slices,
+                    device=device,
+                )
             scores = dice_per_class(probs.argmax(0), labels, classes)
             last.append(
                 {
@@ -152,12 +189,13 @@ def validation_scorer(
 
 
 def classification_scorer(
-    val_cases: list[Case], cfg: RunConfig, device
+    val_cases: list[Case], cfg: RunConfig, device, domain_of: Callable[[Case], int] | None = None
 ) -> tuple[Callable[[torch.nn.Module], dict[str, float]], list[dict]]:
     """Held-out AUROC per class (one class against the rest; NaN where the held-out cases hold
     only one side), and the per-case probabilities of its last call."""
     from monai.metrics import compute_roc_auc
 
+    from medtl.adaptation.dsbn import use_domain
     from medtl.infer import predict_class_probabilities
 
     images = [classification_image(case, cfg)[0] for case in val_cases]
@@ -167,9 +205,24 @@ def classification_scorer(
     last: list[dict] = []
 
     def score(model) -> dict[str, float]:
-        probs = predict_class_probabilities(
-            model, images, size=cfg.preprocessing.patch_size, multi_label=cfg.data.multi_label, device=device
-        )
+        if domain_of is None:
+            probs = predict_class_probabilities(
+                model, images, size=cfg.preprocessing.patch_size, multi_label=cfg.data.multi_label, device=device
+            )
+        else:
+            rows = []
+            for case, image in zip(val_cases, images, strict=True):
+                with use_domain(model, domain_of(case)):
+                    rows.append(
+                        predict_class_probabilities(
+                            model,
+                            [image],
+                            size=cfg.preprocessing.patch_size,
+                            multi_label=cfg.data.multi_label,
+                            device=device,
+                        )[0]
+                    )
+            probs = np.stack(rows)
         last.clear()
         last.extend(
             {"image": c.image.name, "row": c.row, **dict(zip(cfg.data.label_names, map(float, p), strict=True))}
@@ -207,8 +260,47 @@ def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> 
     if cfg.strategy.unfreeze_on_plateau and cfg.strategy.name == "gradual_unfreezing" and not val_cases:
         raise DataError("strategy.unfreeze_on_plateau watches the validation score: set data.val_fraction above 0")
     device = resolve_device(cfg.train.device)
-    score, per_case = validation_scorer(val_cases, cfg, device) if val_cases else (None, [])
-    result = fit(cfg, training_items(train_cases, cfg), run_dir=run_dir, events=events, resume=resume, validate=score)
+    adaptation = cfg.adaptation
+    domains: list[str] = []
+    domain_of = None
+    record: dict[str, Any] = {"method": adaptation.method}
+    if adaptation.method == "dsbn":
+        column = adaptation.domain_column
+        domains = case_domains(train_cases, column)
+        if val_cases:
+            case_domains(val_cases, column)  # every validation row must name its domain too
+        unseen = sorted({c.extra[column].strip() for c in val_cases} - set(domains))
+        if unseen:
+            raise DataError(
+                f"adaptation.domain_column '{column}': {', '.join(unseen)} appear(s) only among the validation "
+                "cases, so its BatchNorm would never train; add training cases from it"
+            )
+
+        def domain_of(case: Case) -> int:
+            return domains.index(case.extra[column].strip())
+
+        counts = {d: sum(1 for c in train_cases if c.extra[column].strip() == d) for d in domains}
+        record.update(domain_column=column, domains=domains, training_cases=counts)
+        events.emit(
+            "message", message="one BatchNorm per domain: " + ", ".join(f"{d} ({n})" for d, n in counts.items())
+        )
+    target_cases: list[Case] = []
+    if adaptation.method in ("adabn", "dann"):
+        target_cases = load_cases(adaptation.target_csv, require_labels=False, label_files=False)
+        from medtl.adaptation.adapt_package import target_record
+
+        record["target"] = target_record([c.image for c in target_cases])
+    score, per_case = validation_scorer(val_cases, cfg, device, domain_of) if val_cases else (None, [])
+    result = fit(
+        cfg,
+        training_items(train_cases, cfg, domain_of),
+        run_dir=run_dir,
+        events=events,
+        resume=resume,
+        validate=score,
+        n_domains=len(domains),
+        target_items=unlabelled_items(target_cases, cfg) if adaptation.method == "dann" else None,
+    )
 
     metrics: dict[str, Any] = {
         "train_cases": len(train_cases),
@@ -225,6 +317,14 @@ def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> 
         metrics[f"val_cases_{key.removeprefix('val_')}"] = list(per_case)
         metrics.update(best_epoch=result.best_epoch, stopped_early=result.stopped_early)
     metrics["epochs_trained"] = len(result.history)
+    if adaptation.method == "adabn":
+        from medtl.adaptation.adapt_package import statistics_pass, target_images
+        from medtl.adaptation.batchnorm import adapt_batchnorm
+
+        arrays = target_images([c.image for c in target_cases], cfg)
+        record["layers"] = adapt_batchnorm(result.model, statistics_pass(arrays, cfg, device, events))
+        metrics["note"] = "validation scores are the source network's, before AdaBN on the target images"
+        events.emit("message", message=f"AdaBN: {record['layers']} BatchNorm layers re-estimated on the target images")
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     training_figure(run_dir / "training.png", {"train": result.history})
     package = save_package(
@@ -233,6 +333,7 @@ def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> 
         cfg,
         training_files=[p for c in train_cases for p in (c.image, c.label) if p is not None and p.is_file()],
         metrics=metrics,
+        extra={"adaptation": [record], "domains": domains} if adaptation.method != "none" else None,
     )
     events.emit("done", run_dir=str(run_dir), package=str(package), metrics=metrics)
     return metrics

@@ -34,6 +34,8 @@ import torch
 from monai.data import Dataset
 from torch.utils.data import DataLoader, RandomSampler
 
+from medtl.adaptation.dann import DomainAdversary, ramp
+from medtl.adaptation.dsbn import DomainBatchSampler, convert_to_dsbn, domain_layers, use_domain
 from medtl.config import RunConfig
 from medtl.data.io import atomic_path
 from medtl.data.presets import training_transform
@@ -207,6 +209,8 @@ def fit(
     model: TransferNet | None = None,
     label: str = "train",
     validate: Callable[[TransferNet], dict[str, float]] | None = None,
+    n_domains: int = 0,
+    target_items: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> FitResult:
     """Trains a network on in-memory samples.
 
@@ -222,6 +226,10 @@ def fit(
         validate: called with the network (in eval mode) after every epoch; its scores (for
             example Dice per class on held-out cases) go into the history and the epoch event,
             which is what live validation curves are drawn from.
+        n_domains: domain-specific BatchNorm with this many domains; every item then carries its
+            ``domain`` index, and each batch is drawn from one domain.
+        target_items: unlabelled target-domain samples (``image``; a ``label`` of the right shape
+            is carried through the augmentation and ignored) for adversarial training (DANN).
     """
     if not items:
         raise ValueError("no training samples")
@@ -235,11 +243,23 @@ def fit(
         report = getattr(model, "load_report", None)
         if report is not None and not resume:
             events.emit("message", message=f"initial weights from {cfg.model.pretrained}: {report.summary()}")
+    if n_domains:
+        if any("domain" not in item for item in items):
+            raise ValueError("domain-specific BatchNorm needs a 'domain' index in every training sample")
+        if not domain_layers(model):
+            convert_to_dsbn(model, n_domains)
     model.to(device)
     if device.type == "cuda" and cfg.spatial_dims == 2:
         model.to(memory_format=torch.channels_last)
 
     groups = param_groups(model, cfg.strategy, lr=cfg.optim.lr)
+    adversary = None
+    if target_items is not None:
+        if not target_items:
+            raise ValueError("adversarial training needs target-domain images; none were given")
+        example = torch.zeros(1, cfg.in_channels, *cfg.preprocessing.patch_size, device=device)
+        adversary = DomainAdversary(model, example)
+        groups.append({"name": "domain_classifier", "params": list(adversary.parameters()), "lr": cfg.optim.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
     total_steps = cfg.train.epochs * cfg.train.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -269,6 +289,8 @@ def fit(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if adversary is not None:
+            adversary.load_state_dict(state["adversary"])
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
         events.emit("message", message=f"resuming from epoch {start_epoch} ({ckpt_path})")
@@ -303,17 +325,34 @@ def fit(
     )
     dataset = Dataset(data=list(items), transform=transform)
     generator = torch.Generator()
-    sampler = RandomSampler(
-        dataset, replacement=True, num_samples=cfg.train.steps_per_epoch * cfg.train.batch_size, generator=generator
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        num_workers=0,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-    )
+    n_samples = cfg.train.steps_per_epoch * cfg.train.batch_size
+    pin = device.type == "cuda"
+    if n_domains:
+        batches = DomainBatchSampler(
+            [int(item["domain"]) for item in items],
+            batch_size=cfg.train.batch_size,
+            n_batches=cfg.train.steps_per_epoch,
+            generator=generator,
+        )
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=0, pin_memory=pin)
+    else:
+        sampler = RandomSampler(dataset, replacement=True, num_samples=n_samples, generator=generator)
+        loader = DataLoader(
+            dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=0, pin_memory=pin, drop_last=True
+        )
+    target_generator = torch.Generator()
+    target_loader: Any = [None] * cfg.train.steps_per_epoch
+    if adversary is not None:
+        target_set = Dataset(data=list(target_items), transform=transform)
+        target_sampler = RandomSampler(target_set, replacement=True, num_samples=n_samples, generator=target_generator)
+        target_loader = DataLoader(
+            target_set,
+            batch_size=cfg.train.batch_size,
+            sampler=target_sampler,
+            num_workers=0,
+            pin_memory=pin,
+            drop_last=True,
+        )
 
     events.emit("start", run_dir=str(run_dir), total_steps=total_steps, device=str(device), label=label)
     t0 = time.perf_counter()
@@ -324,6 +363,7 @@ def fit(
             break
         seed = cfg.train.seed * 100_003 + epoch
         generator.manual_seed(seed)
+        target_generator.manual_seed(seed + 7919)
         transform.set_random_state(seed=seed % (2**32))
         torch.manual_seed(seed)
         unfrozen = unfrozen_stages(strategy, epoch, n_stages, plateau_unfrozen=plateau_unfrozen)
@@ -334,19 +374,43 @@ def fit(
             current = unfrozen
         model.train()
         losses = []
-        for batch in loader:
+        domain_losses: list[float] = []
+        domain_correct = domain_seen = 0
+        for batch, target_batch in zip(loader, target_loader, strict=True):
             x = _tensor(batch["image"], device)
             y = _tensor(batch["label"], device)
             if device.type == "cuda" and cfg.spatial_dims == 2:
                 x = x.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = loss_fn(model(x), y)
+                if adversary is not None:
+                    # One pass over source and target together: the domain classifier sees both, the
+                    # task loss only the labelled source half.
+                    xt = _tensor(target_batch["image"], device).to(x.dtype)
+                    with adversary.capturing():
+                        logits = model(torch.cat([x, xt]))
+                        progress = (epoch * cfg.train.steps_per_epoch + len(losses)) / max(1, total_steps)
+                        weight = cfg.adaptation.dann_weight * ramp(progress, cfg.adaptation.dann_gamma)
+                        domain_logits = adversary(weight).float()
+                    task_loss = loss_fn(logits[: x.shape[0]], y)
+                    domain_target = torch.cat(
+                        [torch.zeros(x.shape[0], dtype=torch.long), torch.ones(xt.shape[0], dtype=torch.long)]
+                    ).to(device)
+                    domain_loss = torch.nn.functional.cross_entropy(domain_logits, domain_target)
+                    loss = task_loss + domain_loss
+                    domain_losses.append(float(domain_loss.detach()))
+                    domain_correct += int((domain_logits.argmax(1) == domain_target).sum())
+                    domain_seen += domain_target.numel()
+                elif n_domains:
+                    with use_domain(model, _tensor(batch["domain"], device)):
+                        loss = task_loss = loss_fn(model(x), y)
+                else:
+                    loss = task_loss = loss_fn(model(x), y)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(task_loss.detach()))
             steps_done += 1
             images += x.shape[0]
             global_step = epoch * cfg.train.steps_per_epoch + len(losses)
@@ -370,6 +434,12 @@ def fit(
             "unfrozen_stages": unfrozen,
             "seconds": round(time.perf_counter() - t0, 2),
         }
+        if adversary is not None:
+            record.update(
+                domain_loss=float(np.mean(domain_losses)),
+                domain_accuracy=domain_correct / max(1, domain_seen),
+                dann_weight=weight,
+            )
         improved = False
         if validate is not None:
             model.eval()
@@ -406,6 +476,7 @@ def fit(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "history": history,
+                    **({"adversary": adversary.state_dict()} if adversary is not None else {}),
                 },
                 tmp,
             )
@@ -428,6 +499,8 @@ def fit(
             with atomic_path(best_path) as tmp:
                 torch.save({"epoch": epoch + 1, "model": model.state_dict()}, tmp)
         events.emit("checkpoint", path=str(ckpt_path), epoch=epoch + 1)
+    if adversary is not None:
+        adversary.remove()
     final_epoch = history[-1]["epoch"] if history else 0
     kept_epoch = None
     if cfg.train.keep_best and best_epoch is not None:

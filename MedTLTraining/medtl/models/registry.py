@@ -27,6 +27,7 @@ from monai.networks.nets import FlexibleUNet, SegResNet, SwinUNETR, UNet
 from torch import nn
 
 import medtl.models.encoders  # noqa: F401 - registers the tv-* FlexibleUNet backbones
+from medtl.adaptation.dsbn import DomainBatchNorm
 from medtl.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,7 +55,7 @@ class TransferNet(nn.Module):
     """Input adapter + core network; knows its encoder stages so strategies can freeze them.
 
     Frozen stages keep their BatchNorm layers in eval mode even in ``train()``: their running
-    statistics are part of what was pretrained.
+    statistics are part of what was pretrained (domain-specific BatchNorm excepted).
     """
 
     def __init__(self, core: nn.Module, input_adapter: nn.Module | None = None, *, name: str = "") -> None:
@@ -86,6 +87,11 @@ class TransferNet(nn.Module):
             stages = self.encoder_stages()
             for index in self.frozen_stages:
                 stages[index].eval()
+                # Domain-specific BatchNorm still learns each domain's statistics in a frozen stage:
+                # telling the domains apart there is the point of it (its weights stay frozen).
+                for module in stages[index].modules():
+                    if isinstance(module, DomainBatchNorm):
+                        module.train()
         return self
 
 
