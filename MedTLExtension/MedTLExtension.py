@@ -169,6 +169,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.acceptButton.connect("clicked(bool)", self.onAcceptButton)
         self.ui.rejectButton.connect("clicked(bool)", self.onRejectButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.adaptButton.connect("clicked(bool)", self.onAdaptButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.hide()
@@ -253,6 +254,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else ""
         )
         self.ui.applyButton.enabled = hasVolume and _isSet(node.modelPackage) and not running
+        self.ui.adaptButton.enabled = self.ui.applyButton.enabled
         self.ui.cancelButton.enabled = running
 
     def onLearnButton(self) -> None:
@@ -275,6 +277,13 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 uncertainty=p.showUncertainty,
             )
             self._onJobStarted(_("Segmenting the volume..."))
+
+    def onAdaptButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not adapt the model."), waitCursor=True):
+            ensureDependencies()
+            p = self._parameterNode
+            self.logic.learner.start_adapt([p.inputVolume], p.modelPackage, device=checkDevice(p.device))
+            self._onJobStarted(_("Adapting the model to the volume (AdaBN)..."))
 
     def onAcceptButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not accept the prediction."), waitCursor=True):
@@ -332,6 +341,8 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return 100, _("Done: the prediction is in a new segmentation.")
         if kind == "cancelled":
             return 0, _("Cancelled. Your segmentation is unchanged.")
+        if kind == "adapted":
+            return 100, _("Adapted: the model package now points at the adapted copy; apply it.")
         return describe_event(event)
 
     def _showResult(self, learner: SliceLearner) -> None:

@@ -14,7 +14,9 @@ One :class:`SliceLearner` serves the MedTL module. A round goes:
    last round's model.
 
 :meth:`SliceLearner.start_apply` segments a volume with any model package, optionally with a
-probability and an uncertainty volume for overlays.
+probability and an uncertainty volume for overlays. :meth:`SliceLearner.start_adapt` adapts a
+package to volumes from another scanner (AdaBN: ``medtl adapt``) without any label; the adapted
+package becomes :attr:`~SliceLearner.last_package`.
 
 Needs MRML, not Qt: the scene, the segmentations logic and the engine starter are passed in, so
 it runs in Slicer and headless on ``slicer-core`` alike.
@@ -79,8 +81,8 @@ class _Review:
 
 @dataclass
 class _Job:
-    kind: str  # "learn" or "apply"
-    stage: str  # "train" or "predict"
+    kind: str  # "learn", "apply" or "adapt"
+    stage: str  # "train", "predict" or "adapt"
     engine: EngineJob
     volume: slicer.vtkMRMLScalarVolumeNode
     run_dir: Path
@@ -135,7 +137,7 @@ class SliceLearner:
 
     @property
     def stage(self) -> str | None:
-        """``"train"`` or ``"predict"`` while a job runs, else None."""
+        """``"train"``, ``"predict"`` or ``"adapt"`` while a job runs, else None."""
         return self._job.stage if self._job else None
 
     @property
@@ -300,6 +302,58 @@ class SliceLearner:
         self._start_predict(job, package)
         return run_dir
 
+    # ------------------------------------------------------------------ adapting a package
+
+    def start_adapt(
+        self,
+        volumes: Sequence[slicer.vtkMRMLScalarVolumeNode],
+        package: str | Path,
+        *,
+        device: str = "auto",
+        domain: str | None = None,
+    ) -> Path:
+        """Adapts a model package to ``volumes`` (unlabelled images of the target scanner): its
+        BatchNorm statistics are re-estimated on them (AdaBN), every weight unchanged. The new
+        package is written to the run directory and becomes :attr:`last_package`. ``domain`` names
+        the target domain of a package with one BatchNorm per domain (DSBN); by default the
+        volumes become a new domain named after the first one."""
+        self._check_idle()
+        volumes = [v for v in volumes if v is not None]
+        if not volumes or any(v.GetImageData() is None for v in volumes):
+            raise ValueError("Select the volume(s) to adapt to; each must hold image data.")
+        package = Path(package)
+        if not (package / PACKAGE_MANIFEST).is_file():
+            raise ValueError(f"{package} is not a MedTL model package (no {PACKAGE_MANIFEST}).")
+        run_dir = self._new_run_dir(volumes[0].GetName(), "adapt")
+        inputs = run_dir / "inputs"
+        inputs.mkdir()
+        paths = [volume_files.write_volume(v, inputs / f"image{i}.nrrd") for i, v in enumerate(volumes)]
+        out = run_dir / "model"
+        args = ["adapt", "--model", str(package), "--out", str(out)]
+        for path in paths:
+            args += ["--image", str(path)]
+        manifest = json.loads((package / PACKAGE_MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("domains"):
+            args += ["--domain", domain or volumes[0].GetName()]
+        elif domain:
+            raise ValueError(f"{package} has no domain-specific BatchNorm; a domain does not apply.")
+        args += ["--device", device, "--events", "-"]
+        engine = EngineJob(self.engine_factory(args), "Adaptation")
+        self._job = _Job(
+            kind="adapt",
+            stage="adapt",
+            engine=engine,
+            volume=volumes[0],
+            run_dir=run_dir,
+            inputs_dir=inputs,
+            image_path=paths[0],
+            device=device,
+            segments=[],
+            output_name="",
+            outputs={"package": out},
+        )
+        return run_dir
+
     # ------------------------------------------------------------------ running
 
     def cancel(self) -> None:
@@ -329,6 +383,12 @@ class SliceLearner:
         if job.engine.cancelled:
             self._job = None
             return [*events, {"event": "cancelled"}]
+        if job.stage == "adapt":
+            self._job = None
+            done = job.engine.done or {}
+            self.last_package = Path(done.get("package") or job.outputs["package"])
+            shutil.rmtree(job.inputs_dir, ignore_errors=True)  # the images: the scene has them
+            return [*events, {"event": "adapted", "package": str(self.last_package)}]
         if job.stage == "train":
             done = job.engine.done or {}
             package = Path(done.get("package") or job.run_dir / "model")

@@ -384,15 +384,20 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 if adversary is not None:
-                    # One pass over source and target together: the domain classifier sees both, the
-                    # task loss only the labelled source half.
+                    # Source and target in separate passes: BatchNorm normalises each batch with its own
+                    # domain's statistics (one mixed batch would blur them and hurt the task), while
+                    # the domain classifier sees the features of both.
                     xt = _tensor(target_batch["image"], device).to(x.dtype)
+                    progress = (epoch * cfg.train.steps_per_epoch + len(losses)) / max(1, total_steps)
+                    weight = cfg.adaptation.dann_weight * ramp(progress, cfg.adaptation.dann_gamma)
                     with adversary.capturing():
-                        logits = model(torch.cat([x, xt]))
-                        progress = (epoch * cfg.train.steps_per_epoch + len(losses)) / max(1, total_steps)
-                        weight = cfg.adaptation.dann_weight * ramp(progress, cfg.adaptation.dann_gamma)
-                        domain_logits = adversary(weight).float()
-                    task_loss = loss_fn(logits[: x.shape[0]], y)
+                        logits = model(x)
+                        source_domain = adversary(weight)
+                    with adversary.capturing():
+                        model(xt)
+                        target_domain = adversary(weight)
+                    domain_logits = torch.cat([source_domain, target_domain]).float()
+                    task_loss = loss_fn(logits, y)
                     domain_target = torch.cat(
                         [torch.zeros(x.shape[0], dtype=torch.long), torch.ones(xt.shape[0], dtype=torch.long)]
                     ).to(device)

@@ -254,3 +254,40 @@ def test_bad_inputs_and_engine_failures_are_one_readable_message(session, tmp_pa
     with pytest.raises(RuntimeError, match="sha256 does not match"):
         learner.run_to_completion(timeout_s=120, interval_s=0.05)
     assert not learner.is_running and h.scene.GetNumberOfNodes() == nodes
+
+
+def test_adapt_a_package_to_a_volume_from_another_scanner(session, tmp_path):
+    """AdaBN from the module: no labels, a new package that becomes the one to apply next; the
+    package it came from is left as it was."""
+    h = session["headless"]
+    image, truth, ijk_to_ras = phantom()
+    # Another scanner: miscalibrated (scale and offset) and noisier.
+    rng = np.random.default_rng(1)
+    other = mrml_bridge.array_to_volume(
+        h.scene, image * 1.2 + 90.0 + rng.normal(0, 25, SHAPE).astype(np.float32), ijk_to_ras, "other scanner"
+    )
+    source = session["learner"].last_package
+    before = (source / "model.safetensors").read_bytes()
+    learner = SliceLearner(h.scene, h.segmentations_logic, work_root=tmp_path)
+    nodes = h.scene.GetNumberOfNodes()
+    learner.start_adapt([other], source, device="cpu")
+    assert learner.stage == "adapt"
+    events = drain(learner)
+    assert events[-1]["event"] == "adapted"
+    assert learner.last_package.parent.parent == tmp_path and learner.last_package.name == "model"
+    assert h.scene.GetNumberOfNodes() == nodes, "adapting adds nothing to the scene"
+    assert (source / "model.safetensors").read_bytes() == before
+    manifest = json.loads((learner.last_package / "medtl_package.json").read_text())
+    (record,) = manifest["adaptation"]
+    assert record["method"] == "adabn" and record["target"]["images"] == 1
+    assert not (learner.last_package.parent / "inputs").exists(), "the exported volume is not kept"
+
+    scores = {}
+    for name, package in (("source", source), ("adapted", learner.last_package)):
+        learner.start_apply(other, package, device="cpu")
+        result = learner.run_to_completion(timeout_s=300, interval_s=0.05)
+        labels, _ = labels_of(session, result)
+        scores[name] = dice(labels > 0, truth > 0)
+        h.scene.RemoveNode(result)
+    # Measured: source 0.974, adapted 0.989 (the shift here is mild; the study measures real gaps).
+    assert scores["adapted"] > 0.9
