@@ -83,6 +83,7 @@ class MedTLTrainingParameterNode:
     loss - training loss.
     epochs - training epochs.
     earlyStopping - epochs without a better validation score before the run ends (0: never).
+    domainSpecificBatchNorm - one BatchNorm per site (DSBN; the sites come from the pairs or the CSV's site column).
     learningRate - peak learning rate.
     device - "auto", "cpu" or "cuda".
     """
@@ -101,6 +102,7 @@ class MedTLTrainingParameterNode:
     loss: Annotated[str, Choice(LOSSES)] = "dice_ce"
     epochs: Annotated[int, WithinRange(1, 1000)] = 30
     earlyStopping: Annotated[int, WithinRange(0, 100)] = 0
+    domainSpecificBatchNorm: bool = False
     learningRate: Annotated[float, WithinRange(1e-6, 1.0), Decimals(6), SingleStep(1e-4)] = 1e-3
     device: Annotated[str, Choice(DEVICES)] = "auto"
 
@@ -360,6 +362,7 @@ class MedTLTrainingLogic(ScriptedLoadableModuleLogic):
             val_fraction=p.valFraction,
             group_column=p.groupColumn.strip(),
             early_stopping_patience=p.earlyStopping,
+            domain_specific_batchnorm=p.domainSpecificBatchNorm,
         )
 
     def showMetrics(self):

@@ -261,6 +261,7 @@ def training_config(
     val_fraction: float = 0.2,
     group_column: str = "",
     early_stopping_patience: int = 0,
+    domain_specific_batchnorm: bool = False,
 ) -> dict[str, Any]:
     """The run configuration (``medtl.config.RunConfig`` as JSON) for the panel's choices.
 
@@ -268,7 +269,8 @@ def training_config(
     checkpoint or model package). Label names and the ``auto`` preset are read from the data set.
     Gradual unfreezing releases one encoder stage every sixth of the epochs; with a validation
     share, the package keeps the best epoch's weights and ``early_stopping_patience`` epochs
-    without a better score end the run (0: never).
+    without a better score end the run (0: never). ``domain_specific_batchnorm`` gives every
+    BatchNorm layer one copy per value of the data set's ``site`` column (DSBN).
     """
     for value, allowed, what in (
         (network, NETWORKS_2D + NETWORKS_3D, "network"),
@@ -309,6 +311,11 @@ def training_config(
         strategy_config["unfreeze_every"] = max(1, int(epochs) // 6)
     if early_stopping_patience < 0:
         raise ValueError("Early stopping patience cannot be negative (0 turns it off).")
+    if domain_specific_batchnorm and group_column == "site":
+        raise ValueError(
+            "One BatchNorm per site cannot hold whole sites out for validation (their BatchNorm would never "
+            "train): group the validation split by another column, or leave it empty."
+        )
     return {
         "task": "segmentation_3d" if is_3d else "segmentation_2d",
         "data": {
@@ -326,6 +333,7 @@ def training_config(
             "device": device,
             "early_stopping_patience": int(early_stopping_patience) if val_fraction > 0 else 0,
         },
+        "adaptation": {"method": "dsbn", "domain_column": "site"} if domain_specific_batchnorm else {},
         "augmentation": augmentation,
         "loss": loss,
         "output_dir": str(Path(output_dir).resolve()),

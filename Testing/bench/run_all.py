@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["strategies.py"]  # the transfer-learning strategy study (segmentation and classification)
+BENCHMARKS = [
+    "strategies.py",  # the transfer-learning strategy study (segmentation and classification)
+    "adaptation.py",  # the domain-adaptation study (AdaBN, DSBN, DANN on simulated scanner shifts)
+]
 
 
 def main() -> int:

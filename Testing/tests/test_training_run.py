@@ -217,6 +217,20 @@ def test_bad_choices_are_named(scene_dataset, tmp_path):
         training_config(csv=csv, output_dir=tmp_path, pretrained="file", weights_file=tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="Unknown loss 'l2'"):
         training_config(csv=csv, output_dir=tmp_path, loss="l2")
+    with pytest.raises(ValueError, match="cannot hold whole sites out"):
+        training_config(csv=csv, output_dir=tmp_path, domain_specific_batchnorm=True, group_column="site")
+
+
+def test_one_batchnorm_per_site_reaches_the_engine(scene_dataset, tmp_path):
+    from medtl.config import RunConfig
+
+    _headless, _pairs, csv, names, _truths = scene_dataset
+    config = training_config(csv=csv, output_dir=tmp_path, label_names=names, domain_specific_batchnorm=True)
+    cfg = RunConfig.from_dict(config)
+    assert cfg.adaptation.method == "dsbn" and cfg.adaptation.domain_column == "site"
+    assert RunConfig.from_dict(training_config(csv=csv, output_dir=tmp_path, label_names=names)).adaptation.method == (
+        "none"
+    )
 
 
 def test_panel_choices_are_the_engines():
