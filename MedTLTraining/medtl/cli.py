@@ -173,7 +173,11 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         from medtl.train import resolve_device
 
         events = make_sink()
-        images = [c.image for c in load_cases(args.data, require_labels=False)] if args.data else args.image
+        images = (
+            [c.image for c in load_cases(args.data, require_labels=False, label_files=False)]
+            if args.data
+            else args.image
+        )
         out = adapt_package(
             args.model,
             images,

@@ -332,6 +332,16 @@ class RunConfig:
             )
         if adaptation.method == "dann" and not spec.has_encoder:
             raise bad("adaptation.method", f"'dann' reads the encoder's features; '{self.model.name}' has no encoder")
+        if adaptation.method == "dann" and self.strategy.name == "feature_extraction":
+            raise bad(
+                "adaptation.method",
+                "'dann' changes the encoder, which 'feature_extraction' keeps frozen: choose another strategy",
+            )
+        if adaptation.method in ("adabn", "dsbn") and not spec.batchnorm:
+            raise bad(
+                "adaptation.method",
+                f"'{adaptation.method}' works on BatchNorm layers; '{self.model.name}' has none (use 'dann')",
+            )
         if self.model.pretrained == "imagenet" and not spec.imagenet:
             raise bad(
                 "model.pretrained",

@@ -99,7 +99,8 @@ class ModelPackage:
         if not domain:
             raise DataError(
                 f"{self.path} normalises each domain separately: name one of {', '.join(self.domains)} "
-                "(or adapt it to a new one with 'medtl adapt')"
+                "(--domain), or adapt it to this image's domain first ('medtl adapt', or the MedTL "
+                "module's 'Adapt model to this volume')"
             )
         if domain not in self.domains:
             raise DataError(

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -39,6 +40,7 @@ from medtl.adaptation.dsbn import DomainBatchSampler, convert_to_dsbn, domain_la
 from medtl.config import RunConfig
 from medtl.data.io import atomic_path
 from medtl.data.presets import training_transform
+from medtl.errors import DataError
 from medtl.events import EventSink
 from medtl.models.registry import TransferNet, build_model
 from medtl.strategies import param_groups, set_trainable_stages, unfrozen_stages
@@ -286,6 +288,13 @@ def fit(
     best_path = run_dir / BEST
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        saved = state.get("adaptation", {"adversarial": False, "n_domains": 0})
+        wanted = {"adversarial": adversary is not None, "n_domains": n_domains}
+        if saved != wanted:
+            raise DataError(
+                f"{ckpt_path} was trained with adaptation {saved}, this run asks for {wanted}: "
+                "resume with the run's own configuration and data, or start a new run directory"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -386,14 +395,15 @@ def fit(
                 if adversary is not None:
                     # Source and target in separate passes: BatchNorm normalises each batch with its own
                     # domain's statistics (one mixed batch would blur them and hurt the task), while
-                    # the domain classifier sees the features of both.
+                    # the domain classifier sees the features of both. The target pass leaves the
+                    # running statistics alone, so the package normalises as its task was trained.
                     xt = _tensor(target_batch["image"], device).to(x.dtype)
                     progress = (epoch * cfg.train.steps_per_epoch + len(losses)) / max(1, total_steps)
                     weight = cfg.adaptation.dann_weight * ramp(progress, cfg.adaptation.dann_gamma)
                     with adversary.capturing():
                         logits = model(x)
                         source_domain = adversary(weight)
-                    with adversary.capturing():
+                    with adversary.capturing(), _frozen_statistics(model):
                         model(xt)
                         target_domain = adversary(weight)
                     domain_logits = torch.cat([source_domain, target_domain]).float()
@@ -407,7 +417,9 @@ def fit(
                     domain_correct += int((domain_logits.argmax(1) == domain_target).sum())
                     domain_seen += domain_target.numel()
                 elif n_domains:
-                    with use_domain(model, _tensor(batch["domain"], device)):
+                    ids = batch["domain"]
+                    # One domain per batch (the sampler's rule): an int avoids a device sync per layer.
+                    with use_domain(model, int(ids[0]) if bool((ids == ids[0]).all()) else ids.to(device)):
                         loss = task_loss = loss_fn(model(x), y)
                 else:
                     loss = task_loss = loss_fn(model(x), y)
@@ -481,6 +493,7 @@ def fit(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "history": history,
+                    "adaptation": {"adversarial": adversary is not None, "n_domains": n_domains},
                     **({"adversary": adversary.state_dict()} if adversary is not None else {}),
                 },
                 tmp,
@@ -535,6 +548,23 @@ def fit(
         best_epoch=kept_epoch,
         stopped_early=stopped_early,
     )
+
+
+@contextlib.contextmanager
+def _frozen_statistics(model: torch.nn.Module):
+    """BatchNorm still normalises with the batch's statistics but does not update its running ones
+    (momentum 0)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    saved = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    try:
+        yield
+    finally:
+        for layer, momentum in zip(layers, saved, strict=True):
+            layer.momentum = momentum
 
 
 def _tensor(value: Any, device: torch.device) -> torch.Tensor:

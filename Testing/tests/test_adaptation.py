@@ -156,7 +156,8 @@ def _site_csv(folder: Path, sites: list[str | None], column: str = "site") -> Pa
 
 def test_dsbn_run_trains_one_batchnorm_per_site_and_round_trips_through_the_package(tmp_path, hub_cache):
     data = _site_csv(tmp_path, ["A", "B", "A", "B"])
-    cfg = RunConfig.from_dict(tiny_config(data, tmp_path / "run", adaptation={"method": "dsbn"}, train={"epochs": 2}))
+    raw = tiny_config(data, tmp_path / "run", adaptation={"method": "dsbn"}, train={"epochs": 2, "keep_best": False})
+    cfg = RunConfig.from_dict(raw)
     metrics = run_training(cfg, events=EventSink())
     assert 0.0 <= metrics["val_dice"]["disc"] <= 1.0
 
@@ -211,10 +212,17 @@ def test_dsbn_run_trains_one_batchnorm_per_site_and_round_trips_through_the_pack
     as_a = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     assert as_a.shape == as_b.shape and (as_a != as_b).any(), "the domain's BatchNorm made no difference"
 
-    # The saved weights are what was trained: a reload gives the same state.
-    again = load_package(package.path)
+    # The package holds what was trained: the last checkpoint's weights, every domain's layers.
+    trained = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    assert trained.keys() == package.model.state_dict().keys()
     for key, value in package.model.state_dict().items():
-        assert torch.equal(value, again.model.state_dict()[key])
+        assert torch.equal(value, trained[key]), key
+
+    # As the starting point of another run, the package gives its first domain's BatchNorm.
+    plain = build_model("unet_mobilenet_v2", num_classes=3, pretrained=str(package.path))
+    assert not plain.load_report.skipped and not plain.load_report.new
+    key = next(k for k in trained if k.endswith(".bns.0.running_mean"))
+    torch.testing.assert_close(plain.state_dict()[key.replace(".bns.0.", ".")], trained[key])
 
 
 def test_dsbn_package_needs_a_known_domain_and_adapts_to_a_new_one(tmp_path, capsys):
@@ -346,14 +354,38 @@ def test_dann_training_moves_the_domain_loss_and_resumes(tmp_path, hub_cache):
     assert all(0.0 <= h["domain_accuracy"] <= 1.0 for h in result.history)
     weights = [h["dann_weight"] for h in result.history]
     assert weights == sorted(weights) and 0 < weights[0] < weights[-1] < 1
-    assert not any(isinstance(m, torch.nn.Dropout) and m.training for m in result.model.modules())
-
-    # The adversary's state is in the checkpoint: a resumed run continues it.
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert any(k.startswith("classifier.") for k in state["adversary"])
-    longer = RunConfig.from_dict({**raw, "train": {**raw["train"], "epochs": 4}})
-    resumed = fit(longer, items, run_dir=tmp_path / "run", target_items=targets, resume=True)
-    assert len(resumed.history) == 4 and resumed.history[:3] == result.history
+    assert state["adaptation"] == {"adversarial": True, "n_domains": 0}
+
+    # Cut after epoch 2 and resumed (adversary and all), the run is the uninterrupted one.
+    class Stop(Exception):
+        pass
+
+    def stop_after_second_epoch(record):
+        if record["event"] == "checkpoint" and record["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(
+            cfg,
+            items,
+            run_dir=tmp_path / "cut",
+            target_items=targets,
+            events=EventSink(listeners=[stop_after_second_epoch]),
+        )
+    resumed = fit(cfg, items, run_dir=tmp_path / "cut", target_items=targets, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    np.testing.assert_allclose(
+        [h["domain_loss"] for h in resumed.history], [h["domain_loss"] for h in result.history], rtol=1e-5
+    )
+    for key, value in result.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+    # A checkpoint of another kind of run is refused, not silently half-loaded.
+    more = RunConfig.from_dict({**raw, "train": {**raw["train"], "epochs": 4}})
+    with pytest.raises(DataError, match="was trained with adaptation"):
+        fit(more, items, run_dir=tmp_path / "cut", resume=True)
 
 
 def test_dann_and_adabn_runs_record_the_method_and_the_hashed_target_data(tmp_path, hub_cache):
@@ -380,13 +412,32 @@ def test_dann_and_adabn_runs_record_the_method_and_the_hashed_target_data(tmp_pa
         RunConfig.from_dict(tiny_config(data, tmp_path / "x", adaptation={"method": "dann"}))
 
 
+def test_adaptation_choices_that_cannot_work_are_config_errors(tmp_path):
+    swin = tiny_config(
+        "d.csv",
+        tmp_path,
+        task="segmentation_3d",
+        preprocessing={"patch_size": [64, 64, 64]},
+        model={"name": "swinunetr3d", "pretrained": "none"},
+        strategy={"name": "full_finetune"},
+    )
+    for method in ("adabn", "dsbn"):
+        with pytest.raises(ConfigError, match="'swinunetr3d' has none"):
+            RunConfig.from_dict({**swin, "adaptation": {"method": method, "target_csv": "t.csv"}})
+    RunConfig.from_dict({**swin, "adaptation": {"method": "dann", "target_csv": "t.csv"}})  # no BatchNorm needed
+    frozen = tiny_config("d.csv", tmp_path, strategy={"name": "feature_extraction"})
+    with pytest.raises(ConfigError, match="keeps frozen"):
+        RunConfig.from_dict({**frozen, "adaptation": {"method": "dann", "target_csv": "t.csv"}})
+
+
 def test_medtl_adapt_on_a_plain_package(tmp_path, capsys):
     cfg = RunConfig.from_dict({"model": {"name": "unet_resnet18", "pretrained": "none"}})
     path = save_package(tmp_path / "pkg", build_model("unet_resnet18", num_classes=2), cfg, metrics={"val": 1})
     for i in range(2):
         image, _ = synthetic_case(30 + i)
         sitk.WriteImage(image, str(tmp_path / f"t{i}.nrrd"))
-    (tmp_path / "target.csv").write_text("image\nt0.nrrd\nt1.nrrd\n")
+    # A label column (here a classifier's class names) is not read.
+    (tmp_path / "target.csv").write_text("image,label\nt0.nrrd,tumour\nt1.nrrd,normal\n")
     assert (
         main(
             [

@@ -126,7 +126,7 @@ def adapt_package(
         "domains": domains,
         "default_domain": manifest.get("default_domain"),
         # The package's metrics were measured before this adaptation, on the source domain.
-        "metrics_before_adaptation": manifest.get("metrics", {}),
+        "metrics_before_adaptation": manifest.get("metrics_before_adaptation", manifest.get("metrics", {})),
     }
     return save_package(
         out,

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
@@ -69,6 +71,7 @@ def adapt_batchnorm(
     if not layers:
         raise ValueError("the network has no BatchNorm layers: AdaBN does not apply to it")
     saved = [(layer.momentum, layer.track_running_stats) for layer in layers]
+    statistics = [{k: v.clone() for k, v in layer.state_dict().items() if k in _STATISTICS} for layer in layers]
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # cumulative average: every target batch weighs the same
@@ -77,6 +80,10 @@ def adapt_batchnorm(
     try:
         with torch.no_grad():
             run(_CollectStatistics(model, layers))
+    except BaseException:
+        for layer, values in zip(layers, statistics, strict=True):
+            layer.load_state_dict(values, strict=False)  # a failed pass leaves the old statistics
+        raise
     finally:
         for layer, (momentum, track) in zip(layers, saved, strict=True):
             layer.momentum = momentum

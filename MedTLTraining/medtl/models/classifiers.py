@@ -162,6 +162,7 @@ def register_classifiers(register: Callable) -> None:
                 divisor=1,
                 min_size=min_size,
                 exact_size=exact,
+                batchnorm=arch != "vit_b_16",  # layer norm only
             )
         )
     for depth in (10, 18, 34, 50):

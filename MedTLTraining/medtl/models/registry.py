@@ -114,6 +114,7 @@ class ModelSpec:
     divisor: int = 32  # input sizes must be multiples of this (the encoder's total stride)
     min_size: int = 16
     exact_size: int | None = None  # e.g. ViT-B/16's position embedding is for 224 × 224 only
+    batchnorm: bool = True  # AdaBN and domain-specific BatchNorm need BatchNorm layers
 
     @property
     def has_encoder(self) -> bool:
@@ -194,6 +195,7 @@ register(
         description="MONAI SwinUNETR (3D); its Swin encoder loads the self-supervised weights from a file",
         adapter=False,
         min_size=64,  # instance norm at the 1/32 bottleneck needs more than one voxel
+        batchnorm=False,  # instance and layer norm
     )
 )
 register(

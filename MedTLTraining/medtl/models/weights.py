@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,10 +143,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         if not (path / MANIFEST).is_file():
             raise WeightsError(f"{path} is a folder but not a MedTL model package (no {MANIFEST})")
-        expected = read_manifest(path).get("files", {}).get(WEIGHTS)
+        manifest = read_manifest(path)
+        expected = manifest.get("files", {}).get(WEIGHTS)
         if expected is None or sha256_file(path / WEIGHTS) != expected:
             raise WeightsError(f"{path / WEIGHTS}: sha256 does not match the package manifest; refusing to load it")
-        path = path / WEIGHTS
+        state = read_state_dict(path / WEIGHTS)
+        domains = manifest.get("domains") or []
+        if domains:
+            # One BatchNorm per domain: start from the default domain's (else the first one's).
+            index = domains.index(manifest["default_domain"]) if manifest.get("default_domain") in domains else 0
+            return _plain_batchnorm(state, index)
+        return state
     if not path.is_file():
         raise WeightsError(f"weight file not found: {path}")
     if path.suffix == ".safetensors":
@@ -163,6 +171,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: holds no state dict")
     return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _plain_batchnorm(state: dict[str, torch.Tensor], domain: int) -> dict[str, torch.Tensor]:
+    """A domain-specific BatchNorm state dict as a plain one: ``<layer>.bns.<domain>.<name>`` becomes
+    ``<layer>.<name>``; the other domains' layers are dropped."""
+    pattern = re.compile(r"\.bns\.(\d+)\.")
+    out = {}
+    for key, value in state.items():
+        match = pattern.search(key)
+        if match is None:
+            out[key] = value
+        elif int(match.group(1)) == domain:
+            out[pattern.sub(".", key, count=1)] = value
+    return out
 
 
 def load_matching(model: torch.nn.Module, source: dict[str, torch.Tensor]) -> LoadReport:
