@@ -81,6 +81,7 @@ class MedTLExtensionParameterNode:
     modelPackage - model package folder for "Apply model" (set after "Learn from my slices").
     showProbability - load the foreground probability as an overlay when applying a model.
     showUncertainty - load the uncertainty (normalised entropy) as an overlay when applying a model.
+    site - the volume's site, for a model package with one BatchNorm per site (empty: its default).
     network - pretrained 2D network fine-tuned by "Learn from my slices".
     device - "auto", "cpu" or "cuda".
     epochs - training epochs for "Learn from my slices".
@@ -91,6 +92,7 @@ class MedTLExtensionParameterNode:
     modelPackage: Path
     showProbability: bool = True
     showUncertainty: bool = False
+    site: str = ""
     network: Annotated[str, Choice(NETWORKS_2D)] = "unet_mobilenet_v2"
     device: Annotated[str, Choice(DEVICES)] = "auto"
     epochs: Annotated[int, WithinRange(1, 500)] = 20
@@ -275,6 +277,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=checkDevice(p.device),
                 probabilities=p.showProbability,
                 uncertainty=p.showUncertainty,
+                domain=p.site.strip(),
             )
             self._onJobStarted(_("Segmenting the volume..."))
 

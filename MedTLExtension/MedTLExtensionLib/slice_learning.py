@@ -95,6 +95,7 @@ class _Job:
     corrected: set[int] = field(default_factory=set)
     probabilities: bool = False
     uncertainty: bool = False
+    domain: str | None = None
     outputs: dict[str, Path] = field(default_factory=dict)
 
 
@@ -270,11 +271,13 @@ class SliceLearner:
         device: str = "auto",
         probabilities: bool = False,
         uncertainty: bool = False,
+        domain: str | None = None,
     ) -> Path:
         """Segments ``volume`` with a model package into a new segmentation node.
 
         With ``probabilities`` the foreground probability, with ``uncertainty`` the normalised
-        entropy of the class probabilities, each come back as a scalar volume (0..1).
+        entropy of the class probabilities, each come back as a scalar volume (0..1). ``domain``
+        names the volume's site for a package with one BatchNorm per site (else its default).
         """
         self._check_idle()
         if volume is None or volume.GetImageData() is None:
@@ -298,6 +301,7 @@ class SliceLearner:
             output_name=f"{volume.GetName()} (MedTL)",
             probabilities=probabilities,
             uncertainty=uncertainty,
+            domain=domain or None,
         )
         self._start_predict(job, package)
         return run_dir
@@ -499,6 +503,8 @@ class SliceLearner:
         if job.uncertainty:
             outputs["uncertainty"] = job.inputs_dir / "uncertainty.nrrd"
             args += ["--uncertainty", str(outputs["uncertainty"])]
+        if job.domain:
+            args += ["--domain", job.domain]
         args += ["--device", job.device, "--events", "-"]
         # Started before the job is recorded: if starting fails, MedTL is not left "running".
         job.engine = EngineJob(self.engine_factory(args), "Prediction")

@@ -479,3 +479,55 @@ def test_medtl_adapt_on_a_plain_package(tmp_path, capsys):
         == 2
     )
     assert "--domain does not apply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("task", "name", "patch"),
+    [("classification_2d", "cls_mobilenet_v2", [32, 32]), ("segmentation_3d", "unet3d_resnet10", [32, 32, 32])],
+)
+def test_dsbn_and_dann_train_classifiers_and_3d_networks(tmp_path, task, name, patch):
+    rng = np.random.default_rng(0)
+    classification = task.startswith("classification")
+    shape = (1, *patch)
+
+    def item(domain: int, index: int) -> dict:
+        image = (rng.random(shape) * (0.5 if domain else 1.0) + 0.3 * domain).astype(np.float32)
+        label = np.array([index % 2]) if classification else (rng.random(shape) > 0.5).astype(np.int64)
+        return {"image": image, "label": label, "domain": domain}
+
+    items = [item(d, i) for d in (0, 1) for i in range(4)]
+    raw = {
+        "task": task,
+        "data": {"label_names": ["a", "b"] if classification else ["fg"]},
+        "preprocessing": {"preset": "none", "patch_size": patch},
+        "model": {"name": name, "pretrained": "none"},
+        "strategy": {"name": "full_finetune"},
+        "optim": {"warmup_steps": 1},
+        "train": {"epochs": 1, "steps_per_epoch": 4, "batch_size": 2, "device": "cpu"},
+        "augmentation": "none",
+        "loss": "ce" if classification else "dice_ce",
+    }
+    cfg = RunConfig.from_dict(raw)
+    dsbn = fit(cfg, items, run_dir=tmp_path / "dsbn", n_domains=2)
+    layers = [m for m in dsbn.model.modules() if isinstance(m, DomainBatchNorm)]
+    assert layers and all(int(bn.num_batches_tracked) > 0 for layer in layers for bn in layer.bns)
+    assert not torch.allclose(layers[0].bns[0].running_mean, layers[0].bns[1].running_mean)
+
+    source = [{k: v for k, v in it.items() if k != "domain"} for it in items if it["domain"] == 0]
+    target = [{k: v for k, v in it.items() if k != "domain"} for it in items if it["domain"] == 1]
+    dann = fit(cfg, source, run_dir=tmp_path / "dann", target_items=target)
+    assert np.isfinite(dann.history[0]["domain_loss"]) and 0 <= dann.history[0]["domain_accuracy"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "dims"),
+    [("unet_resnet18", 32, 2), ("cls_mobilenet_v2", 32, 2), ("cls_vit_b_16", 224, 2), ("cls3d_resnet10", 32, 3)],
+)
+def test_the_domain_classifier_reads_every_encoder_stage(name, size, dims):
+    """Stages made up for the cut (slices of a classifier's layers, ViT's embedding holder) are
+    never called by the network; the classifier must still see each stage's output."""
+    model = build_model(name, num_classes=2)
+    adversary = DomainAdversary(model, torch.zeros(1, 1, *[size] * dims))
+    with torch.no_grad(), adversary.capturing():
+        model.eval()(torch.zeros(2, 1, *[size] * dims))
+        assert len(adversary._captured) == len(model.encoder_stages()) == 5

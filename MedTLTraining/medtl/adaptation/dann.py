@@ -50,10 +50,12 @@ def ramp(progress: float, gamma: float = 10.0) -> float:
 
 
 def _feature_module(stage: nn.Module) -> nn.Module:
-    # A stage may be a plain list of modules (a stem of conv + norm, a Swin stage): its output is
-    # the output of its last module.
-    while isinstance(stage, nn.ModuleList):
-        stage = stage[-1]
+    # A stage may be a list of modules (a stem of conv + norm, a Swin stage) or a Sequential made
+    # up for the cut (a slice of a classifier's ``features``) that the network never calls itself:
+    # its output is the output of its last module, which the network does call.
+    # A bare ``nn.Module`` is a holder of that kind too (ViT's patch embedding).
+    while (isinstance(stage, (nn.ModuleList, nn.Sequential)) or type(stage) is nn.Module) and any(stage.children()):
+        stage = list(stage.children())[-1]
     return stage
 
 
@@ -85,7 +87,10 @@ class DomainAdversary(nn.Module):
         with torch.no_grad(), self.capturing():
             model(example)
         model.train(was_training)
-        width = sum(_pool(f).shape[1] for f in self._take())
+        features = self._take()
+        if len(features) != len(stages):
+            raise RuntimeError(f"only {len(features)} of {len(stages)} encoder stages of '{model.name}' were seen")
+        width = sum(_pool(f).shape[1] for f in features)
         self.classifier = nn.Sequential(
             nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(hidden, 2)
         )
