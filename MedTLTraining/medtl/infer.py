@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from monai.inferers import sliding_window_inference
 
 from medtl.data.slices import slice_stack
 from medtl.events import EventSink
+
+if TYPE_CHECKING:
+    from medtl.config import RunConfig
 
 
 @torch.inference_mode()
@@ -95,6 +99,26 @@ def predict_volume(
             model, volume, divisor=divisor, context_slices=context_slices, device=device, events=events
         )
     return predict_sliding_window(model, volume, roi_size=patch_size, device=device)
+
+
+def predict_run_volume(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    *,
+    device: torch.device | str = "cpu",
+    events: EventSink | None = None,
+) -> np.ndarray:
+    """:func:`predict_volume` as the run ``cfg`` trained it: its dimensions, patch and 2.5D context."""
+    return predict_volume(
+        model,
+        volume,
+        spatial_dims=cfg.spatial_dims,
+        patch_size=cfg.preprocessing.patch_size,
+        context_slices=cfg.preprocessing.context_slices,
+        device=device,
+        events=events,
+    )
 
 
 @torch.inference_mode()

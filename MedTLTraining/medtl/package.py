@@ -271,22 +271,14 @@ def segment_image(
 
     ``domain``: the image's domain for a domain-specific BatchNorm package.
     """
-    from medtl.infer import predict_volume
+    from medtl.infer import predict_run_volume
 
     cfg = package.config
     if cfg.is_classification:
         raise DataError(f"{package.path} is a classifier; it gives class probabilities, not a segmentation")
     volume = preprocess(image, cfg)
     with package.domain_context(domain):
-        probs = predict_volume(
-            package.model,
-            volume,
-            spatial_dims=cfg.spatial_dims,
-            patch_size=cfg.preprocessing.patch_size,
-            context_slices=cfg.preprocessing.context_slices,
-            device=device,
-            events=events,
-        )
+        probs = predict_run_volume(cfg, package.model, volume, device=device, events=events)
     if cfg.preprocessing.spacing is not None:
         # Probabilities go back to the input's grid (linear), then the argmax: smoother edges than
         # resampling the label map.

@@ -155,7 +155,7 @@ def validation_scorer(
     per-case scores of its last call. The cases are read once. ``domain_of`` gives each case's
     domain for a domain-specific BatchNorm network."""
     from medtl.adaptation.dsbn import use_domain
-    from medtl.infer import predict_volume
+    from medtl.infer import predict_run_volume
 
     if cfg.is_classification:
         return classification_scorer(val_cases, cfg, device, domain_of)
@@ -167,14 +167,7 @@ def validation_scorer(
         last.clear()
         for case, volume, labels in loaded:
             with use_domain(model, domain_of(case)) if domain_of else contextlib.nullcontext():
-                probs = predict_volume(
-                    model,
-                    volume,
-                    spatial_dims=cfg.spatial_dims,
-                    patch_size=cfg.preprocessing.patch_size,
-                    context_slices=cfg.preprocessing.context_slices,
-                    device=device,
-                )
+                probs = predict_run_volume(cfg, model, volume, device=device)
             scores = dice_per_class(probs.argmax(0), labels, classes)
             last.append(
                 {

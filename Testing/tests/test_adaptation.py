@@ -172,44 +172,13 @@ def test_dsbn_run_trains_one_batchnorm_per_site_and_round_trips_through_the_pack
     assert all(int(bn.num_batches_tracked) > 0 for bn in first.bns)
     assert not torch.allclose(first.bns[0].running_mean, first.bns[1].running_mean)
 
-    image = tmp_path / "case1.nrrd"
-    out = tmp_path / "pred_b.nrrd"
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                str(package.path),
-                "--image",
-                str(image),
-                "--out",
-                str(out),
-                "--domain",
-                "B",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    as_b = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                str(package.path),
-                "--image",
-                str(image),
-                "--out",
-                str(out),
-                "--domain",
-                "A",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    as_a = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    def predict(domain: str) -> np.ndarray:
+        out = tmp_path / f"pred_{domain}.nrrd"
+        args = ["--image", str(tmp_path / "case1.nrrd"), "--out", str(out), "--domain", domain, "--quiet"]
+        assert main(["predict", "--model", str(package.path), *args]) == 0
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+
+    as_a, as_b = predict("A"), predict("B")
     assert as_a.shape == as_b.shape and (as_a != as_b).any(), "the domain's BatchNorm made no difference"
 
     # The package holds what was trained: the last checkpoint's weights, every domain's layers.

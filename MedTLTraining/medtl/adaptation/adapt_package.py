@@ -42,7 +42,7 @@ def statistics_pass(
 ) -> Callable[[torch.nn.Module], None]:
     """Feeds every target image through a network the way inference does (see
     :func:`~medtl.adaptation.batchnorm.adapt_batchnorm`)."""
-    from medtl.infer import predict_class_probabilities, predict_volume
+    from medtl.infer import predict_class_probabilities, predict_run_volume
 
     def run(model: torch.nn.Module) -> None:
         if cfg.is_classification:
@@ -51,14 +51,7 @@ def statistics_pass(
             )
             return
         for index, volume in enumerate(arrays):
-            predict_volume(
-                model,
-                volume,
-                spatial_dims=cfg.spatial_dims,
-                patch_size=cfg.preprocessing.patch_size,
-                context_slices=cfg.preprocessing.context_slices,
-                device=device,
-            )
+            predict_run_volume(cfg, model, volume, device=device)
             if events is not None:
                 events.emit("step", label="adapt", step=index + 1, total_steps=len(arrays))
 
