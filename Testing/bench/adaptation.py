@@ -250,12 +250,16 @@ def plot(rows, args, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(METHODS)}  # one colour per method in both panels
     width = 0.8 / len(METHODS)
     x = np.arange(len(args.targets))
     for i, m in enumerate(METHODS):
         means = [np.mean([r[m]["dice"] for r in rows if r["target"] == t]) for t in args.targets]
         sds = [np.std([r[m]["dice"] for r in rows if r["target"] == t]) for t in args.targets]
-        axes[0].bar(x + (i - len(METHODS) / 2 + 0.5) * width, means, width, yerr=sds, capsize=2, label=m)
+        axes[0].bar(
+            x + (i - len(METHODS) / 2 + 0.5) * width, means, width, yerr=sds, capsize=2, label=m, color=colour[m]
+        )
     axes[0].set(xticks=x, ylabel="target Dice (liver + tumour)", title="Dice on the target domain", ylim=(0, 1))
     axes[0].set_xticklabels(args.targets, rotation=20)
     axes[0].legend(fontsize=8, ncol=3)
@@ -265,7 +269,7 @@ def plot(rows, args, path: Path) -> None:
         for t in args.targets:
             values = [r["recovered"][m] for r in rows if r["target"] == t and r["recovered"][m] is not None]
             means.append(np.mean(values) if values else np.nan)
-        axes[1].bar(x + (i - len(ADAPTIVE) / 2 + 0.5) * width, means, width, label=m)
+        axes[1].bar(x + (i - len(ADAPTIVE) / 2 + 0.5) * width, means, width, label=m, color=colour[m])
     axes[1].axhline(0, color="black", lw=0.8)
     axes[1].axhline(1, color="grey", lw=0.8, ls="--")
     axes[1].set(xticks=x, ylabel="share of lost Dice recovered", title="(method − none) / (ceiling − none)")
