@@ -6,7 +6,16 @@ set for a domain it has not seen (then the default domain for prediction). The n
 records the method and the target data by hash (no file names: they may identify patients).
 
 Example:
-    >>> adapt_package("runs/site_a/model", ["site_b/ct1.nii.gz", "site_b/ct2.nii.gz"], "runs/site_b_adabn")
+    >>> import tempfile, SimpleITK as sitk
+    >>> from medtl.models.registry import build_model
+    >>> from medtl.package import load_package, save_package
+    >>> d = tempfile.mkdtemp()
+    >>> cfg = RunConfig.from_dict({"model": {"name": "unet_resnet18", "pretrained": "none"}})
+    >>> source = save_package(f"{d}/site_a", build_model("unet_resnet18", num_classes=2), cfg)
+    >>> sitk.WriteImage(sitk.GaussianSource(sitk.sitkFloat32, [48, 48, 6], [10, 10, 3]), f"{d}/b.nrrd")
+    >>> adapted = load_package(adapt_package(source, [f"{d}/b.nrrd"], f"{d}/site_b"))
+    >>> adapted.manifest["adaptation"][0]["method"], adapted.manifest["adaptation"][0]["target"]["images"]
+    ('adabn', 1)
 """
 
 from __future__ import annotations
@@ -82,7 +91,7 @@ def adapt_package(
     from medtl.package import load_package, save_package
 
     package = load_package(package_path)
-    cfg, model, manifest = package.config, package.model, dict(package.manifest)
+    cfg, model, manifest = package.config, package.model, package.manifest
     domains = list(package.domains)
     if domains and not domain:
         raise DataError(
@@ -107,7 +116,6 @@ def adapt_package(
         with use_domain(model, index):
             layers = [layer.bns[index] for layer in domain_layers(model)]
             n = adapt_batchnorm(model, run, layers=layers)
-        manifest.update(domains=domains, default_domain=domain)
     else:
         n = adapt_batchnorm(model, run)
     record["layers"] = n
@@ -117,7 +125,7 @@ def adapt_package(
     extra = {
         "adaptation": history,
         "domains": domains,
-        "default_domain": manifest.get("default_domain"),
+        "default_domain": domain if domains else None,  # what the adapted package predicts as by default
         # The package's metrics were measured before this adaptation, on the source domain.
         "metrics_before_adaptation": manifest.get("metrics_before_adaptation", manifest.get("metrics", {})),
     }

@@ -10,12 +10,12 @@ and perturb the statistics of the layers after it.)
 
 Example:
     >>> import numpy as np
+    >>> from medtl.infer import predict_slices
     >>> from medtl.models.registry import build_model
     >>> net = build_model("unet_resnet18", num_classes=2).eval()
-    >>> run = lambda m: predict_slices(m, np.random.rand(4, 32, 32).astype("float32"))
-    >>> from medtl.infer import predict_slices
-    >>> adapt_batchnorm(net, run)
-    55
+    >>> target = np.random.rand(4, 32, 32).astype("float32")  # four unlabelled target slices
+    >>> adapt_batchnorm(net, lambda m: predict_slices(m, target)) == len(batchnorm_layers(net))
+    True
 """
 
 from __future__ import annotations
