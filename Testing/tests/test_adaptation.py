@@ -207,39 +207,10 @@ def test_dsbn_package_needs_a_known_domain_and_adapts_to_a_new_one(tmp_path, cap
     assert main([*args, "--domain", "C", "--quiet"]) == 2
     assert "unknown domain 'C'" in capsys.readouterr().err
 
-    assert (
-        main(
-            [
-                "adapt",
-                "--model",
-                str(path),
-                "--image",
-                str(tmp_path / "c.nrrd"),
-                "--out",
-                str(tmp_path / "pkg2"),
-                "--quiet",
-            ]
-        )
-        == 2
-    )
+    adapt = ["adapt", "--model", str(path), "--image", str(tmp_path / "c.nrrd"), "--out", str(tmp_path / "pkg2")]
+    assert main([*adapt, "--quiet"]) == 2
     assert "--domain" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "adapt",
-                "--model",
-                str(path),
-                "--image",
-                str(tmp_path / "c.nrrd"),
-                "--out",
-                str(tmp_path / "pkg2"),
-                "--domain",
-                "C",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main([*adapt, "--domain", "C", "--quiet"]) == 0
     adapted = load_package(tmp_path / "pkg2")
     assert adapted.domains == ["A", "B", "C"] and adapted.manifest["default_domain"] == "C"
     old, new = load_package(path).model.state_dict(), adapted.model.state_dict()
