@@ -25,7 +25,14 @@ PIP_REQUIREMENTS = (
     ("monai", "monai>=1.4"),
     ("SimpleITK", "SimpleITK>=2.3"),
     ("safetensors", "safetensors>=0.4"),
+    ("einops", "einops>=0.7"),
     ("matplotlib", "matplotlib>=3.7"),
+    ("scipy", "scipy>=1.10"),
+    ("sklearn", "scikit-learn>=1.3"),
+    ("fairlearn", "fairlearn>=0.10"),
+    ("onnx", "onnx>=1.16"),
+    ("onnxruntime", "onnxruntime>=1.18"),
+    ("onnxscript", "onnxscript>=0.2"),
 )
 TORCH_ITEM = "PyTorch and torchvision (through the PyTorch extension's PyTorch Utils)"
 

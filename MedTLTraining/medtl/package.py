@@ -133,11 +133,13 @@ def save_package(
     training_data: Sequence[dict[str, str]] | None = None,
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
     """Writes a package directory; built beside the target and renamed, so it appears whole.
 
     ``training_data`` (name and sha256 records) stands for ``training_files`` when the files are
-    no longer at hand (a package derived from another one).
+    no longer at hand (a package derived from another one). ``files``: further files (name ->
+    content), listed with their sha256 like the weights.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +147,8 @@ def save_package(
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
+        for name, content in (files or {}).items():
+            (tmp / name).write_bytes(content)
         manifest = {
             "format_version": FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -173,7 +177,7 @@ def save_package(
             ),
             "metrics": metrics or {},
             "versions": versions(),
-            "files": {WEIGHTS: sha256_file(tmp / WEIGHTS)},
+            "files": {name: sha256_file(tmp / name) for name in (WEIGHTS, *(files or {}))},
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
