@@ -4,6 +4,8 @@
     medtl train CONFIG [--resume]
     medtl predict --model PKG --image IMG --out SEG [--probabilities PROB] [--uncertainty UNC] [--domain D]
     medtl adapt --model PKG (--data CSV | --image IMG ...) --out PKG2 [--domain D]
+    medtl evaluate --model PKG --data CSV --out DIR [--group-by COL ...] [--bootstrap N]
+    medtl cv CONFIG --folds K [--group-column COL] [--group-by COL ...] [--ensemble] [--resume]
     medtl device [--device auto|cpu|cuda]
     medtl info PKG
     medtl models
@@ -43,6 +45,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where to compute (default: auto)")
     p.add_argument("--events", metavar="PATH", help="JSON-lines progress: '-' for stdout, or a file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_validation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--group-by",
+        action="append",
+        default=[],
+        metavar="COL",
+        help="report metrics per value of a CSV column (sex, age_group, site, scanner); repeat for several",
+    )
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0: none)")
+    p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance in mm (default: 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--domain", help="for a package with one BatchNorm per domain: the domain to re-estimate, or a new one to add"
     )
+    _add_common(p)
+
+    p = sub.add_parser(
+        "evaluate", help="score a package on a labelled CSV: metrics with intervals, fairness, model card, report"
+    )
+    p.add_argument("--model", required=True, help="model package directory (or ensemble)")
+    p.add_argument("--data", required=True, help="dataset CSV with labels (and columns to group by)")
+    p.add_argument("--out", required=True, help="output folder: evaluation.json, model_card.json, report.html")
+    _add_validation_options(p)
+    p.add_argument("--domain-column", help="column naming each case's domain, for a one-BatchNorm-per-site package")
+    _add_common(p)
+
+    p = sub.add_parser("cv", help="k-fold cross-validation of a run configuration, grouped by patient or site")
+    p.add_argument("config", help="run configuration (JSON)")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
+    p.add_argument(
+        "--group-column", help="CSV column kept whole within one fold (default: the config's data.group_column)"
+    )
+    p.add_argument("--ensemble", action="store_true", help="also join the fold models into one ensemble package")
+    p.add_argument("--resume", action="store_true", help="keep finished folds, resume the interrupted one")
+    p.add_argument("--output-dir", help="override the configuration's output_dir")
+    _add_validation_options(p)
     _add_common(p)
 
     p = sub.add_parser("device", help="say where a run would compute, and why not on the GPU (JSON)")
@@ -166,6 +202,51 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
 
     if args.command == "predict":
         return _predict(args, make_sink())
+
+    if args.command == "evaluate":
+        from medtl.validation import evaluate_package
+
+        out = Path(args.out)
+        events = make_sink(out / "events.jsonl")
+        result = evaluate_package(
+            args.model,
+            args.data,
+            out_dir=out,
+            group_by=args.group_by,
+            domain_column=args.domain_column,
+            tolerance_mm=args.tolerance_mm,
+            n_resamples=args.bootstrap,
+            device=args.device or "auto",
+            events=events,
+        )
+        if args.events != "-":
+            _print_summary(result["summary"], out)
+        return 0
+
+    if args.command == "cv":
+        from medtl.config import RunConfig
+        from medtl.validation import cross_validate
+
+        cfg = RunConfig.load(args.config)
+        if args.output_dir:
+            cfg.output_dir = args.output_dir
+        if args.device:
+            cfg.train.device = args.device
+        events = make_sink(Path(cfg.output_dir) / "events.jsonl")
+        result = cross_validate(
+            cfg,
+            folds=args.folds,
+            group_column=args.group_column,
+            group_by=args.group_by,
+            events=events,
+            resume=args.resume,
+            ensemble=args.ensemble,
+            n_resamples=args.bootstrap,
+            tolerance_mm=args.tolerance_mm,
+        )
+        if args.events != "-":
+            _print_summary(result["pooled"], Path(cfg.output_dir))
+        return 0
 
     if args.command == "adapt":
         from medtl.adaptation.adapt_package import adapt_package
@@ -277,6 +358,30 @@ def _predict(args: argparse.Namespace, events: EventSink) -> int:
     if args.events != "-":
         print(f"segmentation written to {out}")
     return 0
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    def interval(entry: dict) -> str:
+        value = entry.get("mean", entry.get("value"))
+        if value is None:
+            return "n/a"
+        ci = entry.get("ci95")
+        return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    print(f"{summary['cases']} case(s)")
+    if summary["task"] == "segmentation":
+        for name, m in summary["metrics"].items():
+            print(f"  {name:16s} Dice {interval(m['dice'])}  HD95 {interval(m['hd95_mm'])} mm")
+    else:
+        for name, e in summary["metrics"]["classes"].items():
+            print(
+                f"  {name:16s} AUROC {interval(e['auroc'])}  sensitivity {interval(e['sensitivity'])}  "
+                f"specificity {interval(e['specificity'])}"
+            )
+    for table in summary.get("fairness", []):
+        for warning in table.get("warnings", []):
+            print(f"  warning: {warning}")
+    print(f"report: {out / 'report.html'}; model card: {out / 'model_card.json'}")
 
 
 def _print_demo(metrics: dict, out: Path) -> None:

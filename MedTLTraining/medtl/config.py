@@ -167,6 +167,24 @@ class TrainConfig:
 
 
 @dataclass
+class CardConfig:
+    """What the model card says beyond what MedTL measures.
+
+    Attributes:
+        intended_use: who should use the model on what images for what; empty for MedTL's
+            default sentence (research use, the task, the labels, the preset).
+        limitations: known limitations in the author's words, listed before the ones MedTL finds
+            (small groups, training cases among the evaluated ones ...).
+        include_identifiers: put file names and identifier-like CSV columns into reports and model
+            cards. Off: cases are CSV rows and hashes.
+    """
+
+    intended_use: str = ""
+    limitations: list[str] = field(default_factory=list)
+    include_identifiers: bool = False
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs. ``output_dir`` receives checkpoints, events, metrics and the package."""
 
@@ -178,6 +196,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    card: CardConfig = field(default_factory=CardConfig)
     augmentation: Augmentation = "light"
     loss: Loss = "dice_ce"
     output_dir: str = "runs/latest"

@@ -235,20 +235,25 @@ def classification_scorer(
     return score, last
 
 
-def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> dict[str, Any]:
-    """Trains from ``cfg.data.csv`` into ``cfg.output_dir``; returns the metrics it wrote.
+def run_training(
+    cfg: RunConfig, *, events: EventSink, resume: bool = False, cases: list[Case] | None = None
+) -> dict[str, Any]:
+    """Trains from ``cfg.data.csv`` (or the given ``cases``: a cross-validation fold) into
+    ``cfg.output_dir``; returns the metrics it wrote.
 
     With held-out cases, their Dice is computed after every epoch (in the epoch events and the
-    history, for live curves) and reported for the final network.
+    history, for live curves) and reported for the final network. The run ends with a model card
+    and an HTML report.
     """
     from medtl.report import training_figure
 
-    if not cfg.data.csv:
+    if not cfg.data.csv and cases is None:
         raise DataError("config field 'data.csv' is empty: name the dataset CSV")
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
-    cases = load_cases(cfg.data.csv, label_files=not cfg.is_classification)
+    if cases is None:
+        cases = load_cases(cfg.data.csv, label_files=not cfg.is_classification)
     train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.train.seed, cfg.data.group_column)
     if cfg.strategy.unfreeze_on_plateau and cfg.strategy.name == "gradual_unfreezing" and not val_cases:
         raise DataError("strategy.unfreeze_on_plateau watches the validation score: set data.val_fraction above 0")
@@ -320,13 +325,99 @@ def run_training(cfg: RunConfig, *, events: EventSink, resume: bool = False) -> 
         events.emit("message", message=f"AdaBN: {record['layers']} BatchNorm layers re-estimated on the target images")
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     training_figure(run_dir / "training.png", {"train": result.history})
+    from medtl.provenance import data_provenance
+
+    include = cfg.card.include_identifiers
+    provenance = data_provenance(train_cases, cfg, include_identifiers=include)
+    training_files = [p for c in train_cases for p in (c.image, c.label) if p is not None and p.is_file()]
+    extra: dict[str, Any] = {"provenance": provenance}
+    if adaptation.method != "none":
+        extra.update(adaptation=[record], domains=domains)
     package = save_package(
         run_dir / "model",
         result.model,
         cfg,
-        training_files=[p for c in train_cases for p in (c.image, c.label) if p is not None and p.is_file()],
-        metrics=metrics,
-        extra={"adaptation": [record], "domains": domains} if adaptation.method != "none" else None,
+        # A package travels: it names its training files by hash only, unless the user asks.
+        training_files=training_files if include else (),
+        training_data=None if include else [{"sha256": h} for h in provenance["sha256"]],
+        # The manifest's per-case validation scores name files; the card keeps rows only.
+        metrics=metrics if include else _without_file_names(metrics),
+        extra=extra,
     )
+    run_report(run_dir, package, val_cases, result.history, metrics, device=device, events=events)
     events.emit("done", run_dir=str(run_dir), package=str(package), metrics=metrics)
     return metrics
+
+
+def _without_file_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: [{f: v for f, v in r.items() if f != "image"} for r in value] if k.startswith("val_cases_") else value
+        for k, value in metrics.items()
+    }
+
+
+def run_report(
+    run_dir: Path,
+    package_path: Path,
+    val_cases: list[Case],
+    history: list[dict],
+    metrics: dict[str, Any],
+    *,
+    device,
+    events: EventSink,
+    n_resamples: int = 1000,
+) -> Path:
+    """``report.html`` and ``model_card.json`` of a training run: provenance, the held-out cases
+    scored by the package as ``medtl evaluate`` would (with intervals), curves, limitations."""
+    from medtl.evaluate import evaluate_cases, summarise
+    from medtl.package import load_package
+    from medtl.provenance import data_provenance, group_columns
+    from medtl.report import evaluation_figures, model_card, training_curves_png, write_report
+
+    package = load_package(package_path)
+    cfg = package.config
+    manifest = package.manifest
+    limitations = []
+    summary, figures = None, {"Training loss and validation score per epoch": training_curves_png(history)}
+    eval_data = None
+    if val_cases:
+        columns = group_columns(val_cases, include_identifiers=cfg.card.include_identifiers)
+        domain_column = cfg.adaptation.domain_column if package.domains else None
+        records = evaluate_cases(
+            package, val_cases, group_by=columns, domain_column=domain_column, device=device, events=events
+        )
+        # Groups with one case make no table; the counts are in the provenance.
+        columns = [c for c in columns if len({r["groups"][c] for r in records} - {""}) > 1]
+        summary = summarise(records, cfg, group_by=columns, n_resamples=n_resamples)
+        figures.update(evaluation_figures(summary, records))
+        eval_data = data_provenance(val_cases, cfg, include_identifiers=cfg.card.include_identifiers)
+        eval_data["role"] = "held out from training (validation split of the training CSV)"
+        if len(val_cases) < 10:
+            limitations.append(
+                f"Only {len(val_cases)} held-out case(s) scored: the intervals are wide, and they come from "
+                "the same source as the training data (not an external validation)."
+            )
+        else:
+            limitations.append("Validated on cases from the training CSV's source, not on external data.")
+    else:
+        limitations.append(
+            "No held-out validation (data.val_fraction is 0): nothing here estimates how well the model works; "
+            "run 'medtl evaluate' on separate data or 'medtl cv'."
+        )
+    for column, counts in manifest.get("provenance", {}).get("groups", {}).items():
+        if len(counts) == 1:
+            limitations.append(
+                f"All training cases share {column} = {next(iter(counts))}; other values of {column} are untested."
+            )
+    for step in manifest.get("adaptation", []):
+        limitations.append(f"Domain adaptation '{step['method']}' was applied; see the configuration.")
+    if cfg.spatial_dims == 2 and not cfg.is_classification:
+        limitations.append("A 2D network segments each axial slice on its own (with context_slices neighbours).")
+    card = model_card(
+        kind="training", manifest=manifest, summary=summary, evaluation_data=eval_data, limitations=limitations
+    )
+    rows = {k: v for k, v in metrics.items() if not isinstance(v, list | dict)}
+    html, _ = write_report(
+        run_dir, card, title=f"MedTL training run: {cfg.model.name}", figures=figures, metrics_rows=rows
+    )
+    return html
