@@ -285,3 +285,43 @@ def test_cross_validation_keeps_patients_whole_and_resumes(tmp_path, grouped_dat
     assert (out / "fold_1" / "model" / "medtl_package.json").stat().st_mtime_ns == stamp  # nothing retrained
     assert main([*args[:3], "2", *args[4:]]) == 2  # other folds in the same folder would mix two plans
     assert "holds a cross-validation with other folds" in capsys.readouterr().err
+
+
+def test_evaluate_a_classifier_with_roc_calibration_and_fairness(tmp_path, capsys):
+    from medtl.events import EventSink
+    from medtl.pipeline import run_training
+    from sklearn.metrics import roc_auc_score
+    from test_classification import _config, _write_classification_set
+
+    csv = _write_classification_set(tmp_path, n=16)
+    cfg = _config(
+        csv,
+        tmp_path / "run",
+        model={"name": "cls_mobilenet_v2", "pretrained": "none"},
+        strategy={"name": "full_finetune"},
+        train={"epochs": 1, "steps_per_epoch": 2, "batch_size": 4},
+    )
+    run_training(cfg, events=EventSink())
+    # Sites are A0, B0, A1, B1: one letter per class in this set, so group by the letter's column.
+    rows = (tmp_path / "set.csv").read_text().splitlines()
+    (tmp_path / "grouped.csv").write_text(
+        "\n".join([rows[0] + ",scanner"] + [f"{r},{'XY'[i % 3 == 0]}" for i, r in enumerate(rows[1:])]) + "\n"
+    )
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", str(tmp_path / "run" / "model"), "--data", str(tmp_path / "grouped.csv")]
+    assert main([*args, "--out", str(out), "--group-by", "scanner", "--bootstrap", "200", "--quiet"]) == 0
+    assert "AUROC" in capsys.readouterr().out
+    result = json.loads((out / "evaluation.json").read_text())
+    summary = result["summary"]
+    targets = np.array([c["target"] for c in result["cases"]])
+    probs = np.array([c["probabilities"] for c in result["cases"]])
+    lesion = summary["metrics"]["classes"]["lesion"]
+    assert lesion["auroc"]["value"] == pytest.approx(roc_auc_score(targets == 1, probs[:, 1]))
+    assert np.sum(summary["metrics"]["confusion_matrix"]) == 16
+    assert 0 <= lesion["ece"] <= 1 and "roc" in lesion
+    fair = summary["fairness"][0]
+    assert fair["column"] == "scanner" and set(fair["cases"]) == {"X", "Y"}
+    assert fair["classes"]["lesion"]["equalized_odds_difference"] is not None
+    html = (out / "report.html").read_text()
+    assert "ROC curves and reliability diagram" in html and "equalised-odds difference" in html
+    assert "img0" not in html  # file names stay out
