@@ -418,10 +418,11 @@ def evaluate_cases(
     so the metrics are those a user of the package would see. ``domain_column`` names each case's
     domain for a package with one BatchNorm per domain.
     """
-    from medtl.data.io import read_image, sha256_file
+    from medtl.data.io import read_image
     from medtl.errors import DataError
     from medtl.package import classify_image, segment_image
     from medtl.pipeline import class_target
+    from medtl.provenance import path_sha256
 
     cfg = package.config
     records = []
@@ -432,7 +433,7 @@ def evaluate_cases(
         domain = (case.extra.get(domain_column) or "").strip() or None if domain_column and package.domains else None
         record: dict[str, Any] = {
             "row": case.row,
-            "image_sha256": sha256_file(case.image),
+            "image_sha256": path_sha256(case.image),
             "groups": {g: (case.extra.get(g) or "").strip() for g in group_by},
         }
         if fold is not None:

@@ -15,6 +15,7 @@ import hashlib
 import re
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,14 @@ def group_columns(cases: Sequence[Case], *, include_identifiers: bool = False) -
     return out
 
 
+def path_sha256(path: str | Path) -> str:
+    """sha256 of a file, or of a DICOM series folder: the combined hash of the files in it."""
+    path = Path(path)
+    if path.is_dir():
+        return combined_sha256([sha256_file(f) for f in sorted(path.rglob("*")) if f.is_file()])
+    return sha256_file(path)
+
+
 def combined_sha256(hashes: Sequence[str]) -> str:
     """One hash for a set of files, independent of their order."""
     return hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
@@ -71,10 +80,10 @@ def data_provenance(
     def digest(path) -> str:
         key = str(path)
         if key not in hashes:
-            hashes[key] = sha256_file(path)
+            hashes[key] = path_sha256(path)
         return hashes[key]
 
-    files = [digest(p) for c in cases for p in (c.image, c.label) if p is not None and p.is_file()]
+    files = [digest(p) for c in cases for p in (c.image, c.label) if p is not None and p.exists()]
     columns = list(columns) if columns is not None else group_columns(cases, include_identifiers=include_identifiers)
     groups = {
         column: dict(sorted(Counter((c.extra.get(column) or "").strip() or "(missing)" for c in cases).items()))
