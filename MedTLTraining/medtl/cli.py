@@ -6,6 +6,7 @@
     medtl adapt --model PKG (--data CSV | --image IMG ...) --out PKG2 [--domain D]
     medtl evaluate --model PKG --data CSV --out DIR [--group-by COL ...] [--bootstrap N]
     medtl cv CONFIG --folds K [--group-column COL] [--group-by COL ...] [--ensemble] [--resume]
+    medtl export --model PKG --out DIR [--format onnx|torchscript ...] [--image IMG] [--domain D]
     medtl device [--device auto|cpu|cuda]
     medtl info PKG
     medtl models
@@ -124,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validation_options(p)
     _add_common(p)
 
+    p = sub.add_parser("export", help="ONNX and TorchScript files with their preprocessing, checked against PyTorch")
+    p.add_argument("--model", required=True, help="model package directory")
+    p.add_argument("--out", required=True, help="a new folder for the exported files")
+    p.add_argument(
+        "--format", action="append", choices=["onnx", "torchscript"], help="repeat for several (default: both)"
+    )
+    p.add_argument("--image", help="a real image for the parity check (default: a synthetic input)")
+    p.add_argument("--domain", help="the domain to export, for a package with one BatchNorm per domain")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    _add_common(p)
+
     p = sub.add_parser("device", help="say where a run would compute, and why not on the GPU (JSON)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
@@ -221,6 +233,36 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         )
         if args.events != "-":
             _print_summary(result["summary"], out)
+        return 0
+
+    if args.command == "export":
+        from medtl.data.io import read_image
+        from medtl.export import FORMATS, export_package
+
+        events = make_sink()
+        report = export_package(
+            args.model,
+            args.out,
+            formats=args.format or FORMATS,
+            image=read_image(args.image) if args.image else None,
+            domain=args.domain,
+            opset=args.opset,
+            events=events,
+        )
+        events.emit("done", out_dir=str(args.out), report=report)
+        if args.events != "-":
+            for entry in report["formats"].values():
+                agreement = (
+                    ", ".join(f"Dice {n} {d:.4f}" for n, d in entry["dice"].items())
+                    if "dice" in entry
+                    else f"decisions agree: {entry['decisions_agree']}"
+                )
+                print(
+                    f"{entry['file']}: parity max |difference| {entry['max_abs_diff']:.1e}, {agreement or 'no labels'}"
+                )
+            print(
+                f"exported to {args.out} (preprocessing.json, export_report.json); check input: {report['check_input']}"
+            )
         return 0
 
     if args.command == "cv":
