@@ -6,6 +6,7 @@
     medtl adapt --model PKG (--data CSV | --image IMG ...) --out PKG2 [--domain D]
     medtl evaluate --model PKG --data CSV --out DIR [--group-by COL ...] [--bootstrap N]
     medtl cv CONFIG --folds K [--group-column COL] [--group-by COL ...] [--ensemble] [--resume]
+    medtl explain --model PKG --image IMG --out CAM [--class N] [--layer NAME] [--domain D]
     medtl export --model PKG --out DIR [--format onnx|torchscript ...] [--image IMG] [--domain D]
     medtl device [--device auto|cpu|cuda]
     medtl info PKG
@@ -87,6 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--probabilities", help="also write the foreground probability volume (0..1) here")
     p.add_argument("--uncertainty", help="also write the normalised entropy of the class probabilities (0..1) here")
+    p.add_argument("--domain", help="the image's domain (site), for a package with one BatchNorm per domain")
+    p.add_argument("--gradcam", help="also write the Grad-CAM map (0..1) of label 1 (or --gradcam-class) here")
+    p.add_argument("--gradcam-class", type=int, help="the label value (or class index) for --gradcam")
+    _add_common(p)
+
+    p = sub.add_parser("explain", help="Grad-CAM: where the network looked, as a volume on the image's grid")
+    p.add_argument("--model", required=True, help="model package directory")
+    p.add_argument("--image", required=True, help="image file or DICOM directory")
+    p.add_argument("--out", required=True, help="the map (float, 0..1, the image's geometry): .nrrd, .nii.gz ...")
+    p.add_argument(
+        "--class",
+        dest="class_index",
+        type=int,
+        help="segmentation: the label value (default 1); classification: the class index (default: predicted)",
+    )
+    p.add_argument("--layer", help="the layer to explain (dotted module name; default: see medtl.explain)")
     p.add_argument("--domain", help="the image's domain (site), for a package with one BatchNorm per domain")
     _add_common(p)
 
@@ -235,6 +252,28 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
             _print_summary(result["summary"], out)
         return 0
 
+    if args.command == "explain":
+        from medtl.data.io import read_image, write_image
+        from medtl.explain import gradcam_image
+        from medtl.package import load_package
+        from medtl.train import resolve_device
+
+        events = make_sink()
+        cam = gradcam_image(
+            load_package(args.model),
+            read_image(args.image),
+            class_index=args.class_index,
+            target_layer=args.layer,
+            device=resolve_device(args.device or "auto", events),
+            domain=args.domain,
+            events=events,
+        )
+        write_image(cam, args.out)
+        events.emit("done", output=str(args.out))
+        if args.events != "-":
+            print(f"Grad-CAM written to {args.out}")
+        return 0
+
     if args.command == "export":
         from medtl.data.io import read_image
         from medtl.export import FORMATS, export_package
@@ -379,6 +418,11 @@ def _predict(args: argparse.Namespace, events: EventSink) -> int:
         from medtl.package import classify_image
 
         probabilities = classify_image(package, image, device=device, domain=args.domain)
+        if args.gradcam:
+            from medtl.explain import gradcam_image
+
+            cam = gradcam_image(package, image, class_index=args.gradcam_class, device=device, domain=args.domain)
+            write_image(cam, args.gradcam)
         atomic_write_text(
             args.out, json.dumps({"image": Path(args.image).name, "probabilities": probabilities}, indent=2)
         )
@@ -396,6 +440,11 @@ def _predict(args: argparse.Namespace, events: EventSink) -> int:
         write_image(array_like((1.0 - probs[0]).astype(np.float32), image), args.probabilities)
     if args.uncertainty:
         write_image(array_like(normalised_entropy(probs), image), args.uncertainty)
+    if args.gradcam:
+        from medtl.explain import gradcam_image
+
+        cam = gradcam_image(package, image, class_index=args.gradcam_class, device=device, domain=args.domain)
+        write_image(cam, args.gradcam)
     events.emit("done", output=str(out))
     if args.events != "-":
         print(f"segmentation written to {out}")

@@ -49,16 +49,6 @@ def ramp(progress: float, gamma: float = 10.0) -> float:
     return 2.0 / (1.0 + math.exp(-gamma * min(max(progress, 0.0), 1.0))) - 1.0
 
 
-def _feature_module(stage: nn.Module) -> nn.Module:
-    # A stage may be a list of modules (a stem of conv + norm, a Swin stage) or a Sequential made
-    # up for the cut (a slice of a classifier's ``features``) that the network never calls itself:
-    # its output is the output of its last module, which the network does call.
-    # A bare ``nn.Module`` is a holder of that kind too (ViT's patch embedding).
-    while (isinstance(stage, (nn.ModuleList, nn.Sequential)) or type(stage) is nn.Module) and any(stage.children()):
-        stage = list(stage.children())[-1]
-    return stage
-
-
 def _pool(feature: torch.Tensor) -> torch.Tensor:
     if feature.dim() == 3:  # transformer tokens (N, L, C)
         return feature.mean(dim=1)
@@ -81,7 +71,9 @@ class DomainAdversary(nn.Module):
             raise ValueError(f"'{model.name}' has no separate encoder for a domain classifier to read")
         self._captured: list[torch.Tensor] = []
         self._active = False
-        self._hooks = [_feature_module(stage).register_forward_hook(self._capture) for stage in stages]
+        from medtl.models.registry import stage_output_module
+
+        self._hooks = [stage_output_module(stage).register_forward_hook(self._capture) for stage in stages]
         was_training = model.training
         model.eval()
         with torch.no_grad(), self.capturing():

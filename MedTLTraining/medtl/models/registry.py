@@ -101,6 +101,19 @@ def _group(*modules: nn.Module) -> nn.Module:
     return nn.ModuleList(modules)
 
 
+def stage_output_module(stage: nn.Module) -> nn.Module:
+    """The module whose output is ``stage``'s output, for a forward hook.
+
+    A stage may be a list of modules (a stem of conv + norm, a Swin stage) or a Sequential made
+    up for the cut (a slice of a classifier's ``features``) that the network never calls itself:
+    its output is the output of its last module, which the network does call. A bare
+    ``nn.Module`` is a holder of that kind too (ViT's patch embedding).
+    """
+    while (isinstance(stage, (nn.ModuleList, nn.Sequential)) or type(stage) is nn.Module) and any(stage.children()):
+        stage = list(stage.children())[-1]
+    return stage
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
