@@ -7,6 +7,7 @@
     medtl evaluate --model PKG --data CSV --out DIR [--group-by COL ...] [--bootstrap N]
     medtl cv CONFIG --folds K [--group-column COL] [--group-by COL ...] [--ensemble] [--resume]
     medtl explain --model PKG --image IMG --out CAM [--class N] [--layer NAME] [--domain D]
+    medtl ensemble --model PKG --model PKG [...] --out ENS [--combine mean|vote] [--weight W ...]
     medtl export --model PKG --out DIR [--format onnx|torchscript ...] [--image IMG] [--domain D]
     medtl device [--device auto|cpu|cuda]
     medtl info PKG
@@ -87,11 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output segmentation (.seg.nrrd, .nrrd, .nii.gz ...); a classifier writes JSON"
     )
     p.add_argument("--probabilities", help="also write the foreground probability volume (0..1) here")
-    p.add_argument("--uncertainty", help="also write the normalised entropy of the class probabilities (0..1) here")
+    p.add_argument("--uncertainty", help="also write an uncertainty volume (0..1) here")
+    p.add_argument(
+        "--uncertainty-kind",
+        choices=["entropy", "variance", "mutual_information"],
+        default="entropy",
+        help="entropy of the class probabilities (default); for an ensemble also the variance across its "
+        "members or their mutual information (their disagreement)",
+    )
     p.add_argument("--domain", help="the image's domain (site), for a package with one BatchNorm per domain")
     p.add_argument("--gradcam", help="also write the Grad-CAM map (0..1) of label 1 (or --gradcam-class) here")
     p.add_argument("--gradcam-class", type=int, help="the label value (or class index) for --gradcam")
     _add_common(p)
+
+    p = sub.add_parser("ensemble", help="join model packages (backbones, CV folds) into one ensemble package")
+    p.add_argument("--model", action="append", required=True, help="a member package (repeat, at least two)")
+    p.add_argument("--out", required=True, help="the ensemble package (a new directory)")
+    p.add_argument("--combine", choices=["mean", "vote"], default="mean", help="mean probability (default) or vote")
+    p.add_argument("--weight", action="append", type=float, help="one weight per member, in order (default: equal)")
 
     p = sub.add_parser("explain", help="Grad-CAM: where the network looked, as a volume on the image's grid")
     p.add_argument("--model", required=True, help="model package directory")
@@ -250,6 +264,13 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         )
         if args.events != "-":
             _print_summary(result["summary"], out)
+        return 0
+
+    if args.command == "ensemble":
+        from medtl.ensemble import save_ensemble
+
+        out = save_ensemble(args.out, args.model, combine=args.combine, weights=args.weight)
+        print(f"ensemble of {len(args.model)} packages written to {out}")
         return 0
 
     if args.command == "explain":
@@ -428,7 +449,19 @@ def _predict(args: argparse.Namespace, events: EventSink) -> int:
         )
         events.emit("done", output=str(args.out), probabilities=probabilities)
         return 0
-    labels, probs = segment_image(package, image, device=device, events=events, domain=args.domain)
+    member_probs = None
+    if hasattr(package, "members"):
+        from medtl.ensemble import segment_members
+
+        labels, probs, member_probs = segment_members(package, image, device=device, events=events, domain=args.domain)
+    else:
+        if args.uncertainty and args.uncertainty_kind != "entropy":
+            from medtl.errors import DataError
+
+            raise DataError(
+                f"--uncertainty-kind {args.uncertainty_kind} needs an ensemble package; one model has entropy"
+            )
+        labels, probs = segment_image(package, image, device=device, events=events, domain=args.domain)
     out = Path(args.out)
     if out.name.endswith(".seg.nrrd"):
         import SimpleITK as sitk
@@ -439,7 +472,13 @@ def _predict(args: argparse.Namespace, events: EventSink) -> int:
     if args.probabilities:
         write_image(array_like((1.0 - probs[0]).astype(np.float32), image), args.probabilities)
     if args.uncertainty:
-        write_image(array_like(normalised_entropy(probs), image), args.uncertainty)
+        if member_probs is not None:
+            from medtl.ensemble import ensemble_uncertainty
+
+            uncertainty = ensemble_uncertainty(member_probs, args.uncertainty_kind)
+        else:
+            uncertainty = normalised_entropy(probs)
+        write_image(array_like(uncertainty, image), args.uncertainty)
     if args.gradcam:
         from medtl.explain import gradcam_image
 

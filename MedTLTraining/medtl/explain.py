@@ -198,6 +198,20 @@ def gradcam_image(
     """
     from medtl.package import classify_image, preprocess, working_image
 
+    if hasattr(package, "members"):
+        # An ensemble looks where its members look: the mean of their maps, rescaled.
+        maps = [
+            sitk.GetArrayFromImage(
+                gradcam_image(
+                    m, image, class_index=class_index, target_layer=target_layer, device=device, domain=domain
+                )
+            )
+            for m in package.members
+        ]
+        mean = np.mean(maps, axis=0)
+        result = sitk.GetImageFromArray((mean / max(float(mean.max()), 1e-12)).astype(np.float32))
+        result.CopyInformation(image)
+        return result
     cfg = package.config
     if cfg.is_classification:
         if class_index is None:

@@ -206,9 +206,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load_package(path: str | Path) -> ModelPackage:
-    """Loads a package after checking every listed file's sha256."""
+    """Loads a package after checking every listed file's sha256 (an ensemble package gives an
+    :class:`~medtl.ensemble.EnsemblePackage`)."""
     path = Path(path)
     manifest = read_manifest(path)
+    if manifest.get("ensemble"):
+        from medtl.ensemble import load_ensemble
+
+        return load_ensemble(path, manifest)
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise DataError(f"{path}: package format {manifest['format_version']} is newer than this MedTL understands")
     for name, expected in manifest.get("files", {}).items():
@@ -280,6 +285,10 @@ def segment_image(
     cfg = package.config
     if cfg.is_classification:
         raise DataError(f"{package.path} is a classifier; it gives class probabilities, not a segmentation")
+    if hasattr(package, "members"):
+        from medtl.ensemble import segment_members
+
+        return segment_members(package, image, device=device, events=events, domain=domain)[:2]
     volume = preprocess(image, cfg)
     with package.domain_context(domain):
         probs = predict_run_volume(cfg, package.model, volume, device=device, events=events)
@@ -304,6 +313,10 @@ def classify_image(
     cfg = package.config
     if not cfg.is_classification:
         raise DataError(f"{package.path} is a segmentation model; use it to segment, not to classify")
+    if hasattr(package, "members"):
+        from medtl.ensemble import classify_members
+
+        return classify_members(package, image, device=device, domain=domain)
     array = preprocess(image, cfg, ndim=cfg.spatial_dims)
     with package.domain_context(domain):
         probs = predict_class_probabilities(
@@ -326,6 +339,10 @@ def describe(path: str | Path) -> str:
         "  versions:      " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"  training data: {len(m.get('training_data', []))} file(s)",
     ]
+    if m.get("ensemble"):
+        from medtl.ensemble import describe_ensemble
+
+        lines += describe_ensemble(m)
     for step in m.get("adaptation", []):
         target = step.get("target", {})
         lines.append(

@@ -261,6 +261,7 @@ def test_cross_validation_keeps_patients_whole_and_resumes(tmp_path, grouped_dat
         "sex",
         "--bootstrap",
         "100",
+        "--ensemble",
         "--quiet",
     ]
     assert main(args) == 0
@@ -276,6 +277,13 @@ def test_cross_validation_keeps_patients_whole_and_resumes(tmp_path, grouped_dat
         assert (out / f"fold_{k}" / "model" / "medtl_package.json").is_file()
         assert (out / f"fold_{k}" / "report.html").is_file()
     assert [f["test_cases"] for f in result["per_fold"]] == [2, 2, 2]
+    # The three fold models, joined: one package that predicts on an unseen image.
+    from medtl.package import load_package, segment_image
+
+    ensemble = load_package(out / "ensemble")
+    assert len(ensemble.members) == 3 and result["ensemble"] == str(out / "ensemble")
+    labels, _ = segment_image(ensemble, synthetic_case(30)[0])
+    assert labels.GetSize() == (48, 48, 8)
     card = _check_report(out)
     assert card["kind"] == "cross-validation" and card["cross_validation"]["folds"] == 3
     assert card["training_data"]["cases"] == 6
