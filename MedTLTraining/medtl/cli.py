@@ -8,6 +8,7 @@
     medtl cv CONFIG --folds K [--group-column COL] [--group-by COL ...] [--ensemble] [--resume]
     medtl explain --model PKG --image IMG --out CAM [--class N] [--layer NAME] [--domain D]
     medtl ensemble --model PKG --model PKG [...] --out ENS [--combine mean|vote] [--weight W ...]
+    medtl drift --model PKG --data NEW.csv --out DIR [--reference TRAIN.csv] [--fail-on-drift]
     medtl export --model PKG --out DIR [--format onnx|torchscript ...] [--image IMG] [--domain D]
     medtl device [--device auto|cpu|cuda]
     medtl info PKG
@@ -99,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", help="the image's domain (site), for a package with one BatchNorm per domain")
     p.add_argument("--gradcam", help="also write the Grad-CAM map (0..1) of label 1 (or --gradcam-class) here")
     p.add_argument("--gradcam-class", type=int, help="the label value (or class index) for --gradcam")
+    _add_common(p)
+
+    p = sub.add_parser("drift", help="do new images still look like the training images? (statistics and features)")
+    p.add_argument("--model", required=True, help="model package directory")
+    p.add_argument("--data", required=True, help="CSV of the new images (an 'image' column)")
+    p.add_argument("--out", required=True, help="output folder: drift.json, drift.png")
+    p.add_argument("--reference", help="CSV of the training images, for a package that holds no profile of them")
+    p.add_argument("--alpha", type=float, default=0.05, help="false discovery rate of the tests (default: 0.05)")
+    p.add_argument("--fail-on-drift", action="store_true", help="exit with status 1 when drift is found (for cron)")
     _add_common(p)
 
     p = sub.add_parser("ensemble", help="join model packages (backbones, CV folds) into one ensemble package")
@@ -265,6 +275,29 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         if args.events != "-":
             _print_summary(result["summary"], out)
         return 0
+
+    if args.command == "drift":
+        from medtl.drift import run_drift
+        from medtl.train import resolve_device
+
+        events = make_sink()
+        result = run_drift(
+            args.model,
+            args.data,
+            reference_csv=args.reference,
+            out_dir=args.out,
+            alpha=args.alpha,
+            device=resolve_device(args.device or "auto", events),
+            events=events,
+        )
+        events.emit("done", out_dir=str(args.out), drift=result["drift"], summary=result["summary"])
+        if args.events != "-":
+            print(result["summary"])
+            for image in result["images"]:
+                if image["flags"]:
+                    print(f"  CSV row {image['row']}: {', '.join(image['flags'])}")
+            print(f"details: {Path(args.out) / 'drift.json'}, {Path(args.out) / 'drift.png'}")
+        return 1 if result["drift"] and args.fail_on_drift else 0
 
     if args.command == "ensemble":
         from medtl.ensemble import save_ensemble

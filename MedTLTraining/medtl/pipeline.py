@@ -333,6 +333,12 @@ def run_training(
     extra: dict[str, Any] = {"provenance": provenance}
     if adaptation.method != "none":
         extra.update(adaptation=[record], domains=domains)
+    from medtl.adaptation.dsbn import use_domain
+    from medtl.drift import REFERENCE_FILE, profile_images, reference_bytes
+
+    # The training images as the network sees them, for drift monitoring after deployment.
+    with use_domain(result.model, 0) if domains else contextlib.nullcontext():
+        profile = profile_images(result.model, cfg, [c.image for c in train_cases], device=device)
     package = save_package(
         run_dir / "model",
         result.model,
@@ -343,6 +349,7 @@ def run_training(
         # The manifest's per-case validation scores name files; the card keeps rows only.
         metrics=metrics if include else _without_file_names(metrics),
         extra=extra,
+        files={REFERENCE_FILE: reference_bytes(profile)},
     )
     run_report(run_dir, package, val_cases, result.history, metrics, device=device, events=events)
     events.emit("done", run_dir=str(run_dir), package=str(package), metrics=metrics)

@@ -1,0 +1,100 @@
+"""Drift monitoring: a shifted set is flagged and named, an unshifted one passes, a single odd
+image is pointed out, and `medtl drift` works from the profile a training run stores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import synthetic_case, tiny_config
+from medtl.cli import main
+from medtl.config import RunConfig
+from medtl.drift import REFERENCE_FILE, compare_profiles, profile_images, reduce_reference
+from medtl.models.registry import build_model
+
+
+def _images(seeds, *, offset=0.0, noise=0.0):
+    out = []
+    for seed in seeds:
+        image, _ = synthetic_case(seed)
+        array = sitk.GetArrayFromImage(image)
+        array = array + offset + np.random.default_rng(seed).normal(0, noise, array.shape).astype(np.float32)
+        shifted = sitk.GetImageFromArray(array.astype(np.float32))
+        shifted.CopyInformation(image)
+        out.append(shifted)
+    return out
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    cfg = RunConfig.from_dict(
+        {"model": {"name": "unet_resnet18", "pretrained": "none"}, "preprocessing": {"patch_size": [32, 32]}}
+    )
+    torch.manual_seed(0)
+    net = build_model("unet_resnet18", num_classes=2).eval()
+
+    def profile(images):
+        return profile_images(net, cfg, images)
+
+    return profile, reduce_reference(profile(_images(range(12))))
+
+
+def test_a_shifted_set_is_flagged_and_named_and_a_like_set_passes(profiled):
+    profile, reference = profiled
+    same = compare_profiles(reference, profile(_images(range(100, 112))))
+    assert not same["drift"] and same["summary"].startswith("no drift")
+    assert not same["embedding"]["drifted"]
+    shifted = compare_profiles(reference, profile(_images(range(200, 212), offset=120.0)))  # +120 HU
+    assert shifted["drift"] and shifted["summary"].startswith("DRIFT")
+    assert shifted["embedding"]["drifted"]  # the network's features moved too
+    drifted = {e["feature"] for e in shifted["features"] if e["drifted"]}
+    assert {"mean", "raw_mean"} <= drifted and "spacing_z" not in drifted
+    raw = next(e for e in shifted["features"] if e["feature"] == "raw_mean")
+    assert raw["new_mean"] - raw["reference_mean"] == pytest.approx(120.0, abs=15) and raw["shift_sd"] > 3
+
+
+def test_one_odd_image_among_normal_ones_is_pointed_out(profiled):
+    profile, reference = profiled
+    images = _images(range(300, 308)) + _images([308], noise=150.0)
+    result = compare_profiles(reference, profile(images))
+    flagged = [im["index"] for im in result["images"] if im["flags"]]
+    assert flagged == [8]
+    assert any("std" in flag for flag in result["images"][8]["flags"])
+    small = compare_profiles(reference, profile(images[:2]))
+    assert "the tests can hardly detect anything" in small["summary"]
+
+
+def test_medtl_drift_uses_the_profile_a_run_stores(tmp_path, synthetic_dataset, capsys):
+    cfg = tiny_config(synthetic_dataset, tmp_path / "run", model={"name": "unet_resnet18", "pretrained": "none"})
+    (tmp_path / "run.json").write_text(json.dumps(cfg))
+    assert main(["train", str(tmp_path / "run.json"), "--quiet"]) == 0
+    capsys.readouterr()
+    package = tmp_path / "run" / "model"
+    manifest = json.loads((package / "medtl_package.json").read_text())
+    assert REFERENCE_FILE in manifest["files"]
+    reference = json.loads((package / REFERENCE_FILE).read_text())
+    assert len(reference["values"]) == 3 and len(reference["embedding"]["vectors"]) == 3
+
+    rows = ["image"]
+    for i, image in enumerate(_images(range(400, 406), offset=300.0)):
+        sitk.WriteImage(image, str(tmp_path / f"new{i}.nrrd"))
+        rows.append(f"new{i}.nrrd")
+    (tmp_path / "new.csv").write_text("\n".join(rows) + "\n")
+    args = ["drift", "--model", str(package), "--data", str(tmp_path / "new.csv"), "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "d1")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("DRIFT") and "CSV row 2" in printed
+    result = json.loads((tmp_path / "d1" / "drift.json").read_text())
+    assert result["drift"] and (tmp_path / "d1" / "drift.png").stat().st_size > 1000
+    assert main([*args, "--out", str(tmp_path / "d2"), "--fail-on-drift"]) == 1
+
+    # A package without a profile needs the training images.
+    (package / REFERENCE_FILE).unlink()
+    del manifest["files"][REFERENCE_FILE]
+    (package / "medtl_package.json").write_text(json.dumps(manifest))
+    assert main([*args, "--out", str(tmp_path / "d3")]) == 2
+    assert "--reference train.csv" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "d4"), "--reference", str(synthetic_dataset)]) == 0
