@@ -81,6 +81,7 @@ class MedTLExtensionParameterNode:
     modelPackage - model package folder for "Apply model" (set after "Learn from my slices").
     showProbability - load the foreground probability as an overlay when applying a model.
     showUncertainty - load the uncertainty (normalised entropy) as an overlay when applying a model.
+    showGradCam - load the Grad-CAM map of the first label (where the network looked) as an overlay.
     site - the volume's site, for a model package with one BatchNorm per site (empty: its default).
     network - pretrained 2D network fine-tuned by "Learn from my slices".
     device - "auto", "cpu" or "cuda".
@@ -92,6 +93,7 @@ class MedTLExtensionParameterNode:
     modelPackage: Path
     showProbability: bool = True
     showUncertainty: bool = False
+    showGradCam: bool = False
     site: str = ""
     network: Annotated[str, Choice(NETWORKS_2D)] = "unet_mobilenet_v2"
     device: Annotated[str, Choice(DEVICES)] = "auto"
@@ -277,6 +279,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=checkDevice(p.device),
                 probabilities=p.showProbability,
                 uncertainty=p.showUncertainty,
+                gradcam=p.showGradCam,
                 domain=p.site.strip(),
             )
             self._onJobStarted(_("Segmenting the volume..."))
@@ -350,7 +353,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showResult(self, learner: SliceLearner) -> None:
         volume = self._parameterNode.inputVolume if self._parameterNode else None
-        overlay = learner.uncertainty_volume or learner.probability_volume
+        overlay = learner.gradcam_volume or learner.uncertainty_volume or learner.probability_volume
         slicer.util.setSliceViewerLayers(
             background=volume, foreground=overlay, foregroundOpacity=0.4 if overlay else None
         )

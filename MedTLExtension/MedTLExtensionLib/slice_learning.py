@@ -14,7 +14,7 @@ One :class:`SliceLearner` serves the MedTL module. A round goes:
    last round's model.
 
 :meth:`SliceLearner.start_apply` segments a volume with any model package, optionally with a
-probability and an uncertainty volume for overlays. :meth:`SliceLearner.start_adapt` adapts a
+probability, an uncertainty and a Grad-CAM volume for overlays. :meth:`SliceLearner.start_adapt` adapts a
 package to volumes from another scanner (AdaBN: ``medtl adapt``) without any label; the adapted
 package becomes :attr:`~SliceLearner.last_package`.
 
@@ -95,6 +95,7 @@ class _Job:
     corrected: set[int] = field(default_factory=set)
     probabilities: bool = False
     uncertainty: bool = False
+    gradcam: bool = False
     domain: str | None = None
     outputs: dict[str, Path] = field(default_factory=dict)
 
@@ -128,6 +129,7 @@ class SliceLearner:
         self.result_segmentation: slicer.vtkMRMLSegmentationNode | None = None
         self.probability_volume: slicer.vtkMRMLScalarVolumeNode | None = None
         self.uncertainty_volume: slicer.vtkMRMLScalarVolumeNode | None = None
+        self.gradcam_volume: slicer.vtkMRMLScalarVolumeNode | None = None
         self.last_log = ""
 
     # ------------------------------------------------------------------ state
@@ -271,12 +273,15 @@ class SliceLearner:
         device: str = "auto",
         probabilities: bool = False,
         uncertainty: bool = False,
+        gradcam: bool = False,
         domain: str | None = None,
     ) -> Path:
         """Segments ``volume`` with a model package into a new segmentation node.
 
         With ``probabilities`` the foreground probability, with ``uncertainty`` the normalised
-        entropy of the class probabilities, each come back as a scalar volume (0..1). ``domain``
+        entropy of the class probabilities (for an ensemble package: of their mean), with
+        ``gradcam`` the Grad-CAM map of label 1 (where the network looked), each come back as a
+        scalar volume (0..1) on the volume's grid. ``domain``
         names the volume's site for a package with one BatchNorm per site (else its default).
         """
         self._check_idle()
@@ -301,6 +306,7 @@ class SliceLearner:
             output_name=f"{volume.GetName()} (MedTL)",
             probabilities=probabilities,
             uncertainty=uncertainty,
+            gradcam=gradcam,
             domain=domain or None,
         )
         self._start_predict(job, package)
@@ -495,6 +501,8 @@ class SliceLearner:
         return [name for _v, name, _c in package_segments(package)]
 
     def _start_predict(self, job: _Job, package: Path) -> None:
+        # Overlays of an earlier prediction stay in the scene, but are not this one's.
+        self.probability_volume = self.uncertainty_volume = self.gradcam_volume = None
         outputs = {"labels": job.inputs_dir / "prediction.nrrd"}
         args = ["predict", "--model", str(package), "--image", str(job.image_path), "--out", str(outputs["labels"])]
         if job.probabilities:
@@ -503,6 +511,9 @@ class SliceLearner:
         if job.uncertainty:
             outputs["uncertainty"] = job.inputs_dir / "uncertainty.nrrd"
             args += ["--uncertainty", str(outputs["uncertainty"])]
+        if job.gradcam:
+            outputs["gradcam"] = job.inputs_dir / "gradcam.nrrd"
+            args += ["--gradcam", str(outputs["gradcam"])]
         if job.domain:
             args += ["--domain", job.domain]
         args += ["--device", job.device, "--events", "-"]
@@ -541,14 +552,19 @@ class SliceLearner:
                 as_imported=imported,
                 corrected=set(job.corrected),
             )
-        for key in ("probabilities", "uncertainty"):
+        overlays = {
+            "probabilities": ("probability", "probability_volume"),
+            "uncertainty": ("uncertainty", "uncertainty_volume"),
+            "gradcam": ("Grad-CAM", "gradcam_volume"),
+        }
+        for key, (title, attribute) in overlays.items():
             if key in job.outputs:
                 array, matrix = volume_files.read_array(job.outputs[key])
-                name = f"{job.volume.GetName()} MedTL {'probability' if key == 'probabilities' else 'uncertainty'}"
+                name = f"{job.volume.GetName()} MedTL {title}"
                 volume = mrml_bridge.array_to_volume(self.scene, array.astype(np.float32), matrix, name)
                 volume.SetAndObserveTransformNodeID(job.volume.GetTransformNodeID())
                 _show_as_fraction(volume)
-                setattr(self, "probability_volume" if key == "probabilities" else "uncertainty_volume", volume)
+                setattr(self, attribute, volume)
         self.result_segmentation = node
         return node
 

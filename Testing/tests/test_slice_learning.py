@@ -176,7 +176,7 @@ def test_accept_merges_the_prediction_into_the_users_segmentation(session):
 def test_apply_package_with_probability_and_uncertainty_overlays(session):
     learner, h = session["learner"], session["headless"]
     volume = session["volume"]
-    learner.start_apply(volume, learner.last_package, device="cpu", probabilities=True, uncertainty=True)
+    learner.start_apply(volume, learner.last_package, device="cpu", probabilities=True, uncertainty=True, gradcam=True)
     assert learner.stage == "predict"
     result = learner.run_to_completion(timeout_s=300, interval_s=0.05)
     labels, segments = labels_of(session, result)
@@ -184,7 +184,7 @@ def test_apply_package_with_probability_and_uncertainty_overlays(session):
     assert dice(labels > 0, session["truth"] > 0) > 0.85
 
     probability, uncertainty = learner.probability_volume, learner.uncertainty_volume
-    for node in (probability, uncertainty):
+    for node in (probability, uncertainty, learner.gradcam_volume):
         array, matrix = mrml_bridge.volume_to_array(node)
         assert array.shape == SHAPE
         np.testing.assert_allclose(matrix, mrml_bridge.ijk_to_ras_of(volume), atol=1e-5)
@@ -196,6 +196,10 @@ def test_apply_package_with_probability_and_uncertainty_overlays(session):
     u, _ = mrml_bridge.volume_to_array(uncertainty)
     # Uncertain where the network hesitates: at the borders more than deep inside or far outside.
     assert u[(p > 0.3) & (p < 0.7)].mean() > u[(p < 0.05) | (p > 0.95)].mean()
+    # Grad-CAM of the organ: the network looked at the organ more than at the rest.
+    cam, _ = mrml_bridge.volume_to_array(learner.gradcam_volume)
+    assert learner.gradcam_volume.GetName().endswith("MedTL Grad-CAM")
+    assert cam[truth == 1].mean() > 2 * cam[truth == 0].mean()
     assert learner.under_review is None, "an applied package gives a new result, not a review"
     h.scene.RemoveNode(result)
 
