@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 # Below this many cases a group's metric is reported with a warning: an interval that wide
@@ -94,21 +95,22 @@ def voxel_confusion(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np
 
 def bootstrap_interval(
     samples: Sequence[np.ndarray],
-    statistic: Callable[..., float],
+    statistic: Callable[..., Any],
     *,
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> list[float] | None:
-    """Percentile bootstrap interval of ``statistic`` over cases (SciPy).
+    """Percentile bootstrap interval of ``statistic`` over cases (SciPy, vectorised:
+    ``statistic(*samples, axis=-1)``).
 
-    ``samples`` holds arrays of case indices resampled independently (one array: plain
-    bootstrap; one per class: stratified, so every resample keeps both sides of an AUROC).
-    None when there are too few cases to resample.
+    ``samples`` are resampled independently: one array is the plain bootstrap; the positive and
+    the negative cases' values as two arrays is the stratified bootstrap, where every resample
+    keeps both sides of an AUROC. None when there are too few cases to resample.
     """
     from scipy.stats import bootstrap
 
-    samples = [np.asarray(s) for s in samples]
+    samples = [np.asarray(s, dtype=np.float64) for s in samples]
     if n_resamples <= 0 or sum(len(s) for s in samples) < 3 or any(len(s) == 0 for s in samples):
         return None
     with warnings.catch_warnings():
@@ -116,7 +118,7 @@ def bootstrap_interval(
         result = bootstrap(
             tuple(samples),
             statistic,
-            vectorized=False,
+            vectorized=True,
             paired=False,
             n_resamples=n_resamples,
             confidence_level=confidence,
@@ -134,33 +136,47 @@ def mean_with_interval(values: Sequence[float], *, n_resamples: int = 1000, seed
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     if not len(v):
         return {"mean": None, "ci95": None, "n": 0}
-    ci = bootstrap_interval(
-        [np.arange(len(v))], lambda i: float(v[i.astype(int)].mean()), n_resamples=n_resamples, seed=seed
-    )
+    ci = bootstrap_interval([v], np.mean, n_resamples=n_resamples, seed=seed)
     return {"mean": float(v.mean()), "ci95": ci, "n": int(len(v))}
+
+
+def _auroc_of(positive: np.ndarray, negative: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUROC as the Mann-Whitney U of the positives' scores over the negatives', scaled to [0, 1]
+    (ties count half), vectorised for the bootstrap."""
+    from scipy.stats import mannwhitneyu
+
+    return mannwhitneyu(positive, negative, axis=axis).statistic / (positive.shape[axis] * negative.shape[axis])
+
+
+def _f1_of(positive: np.ndarray, negative: np.ndarray, axis: int = -1) -> np.ndarray:
+    """F1 from the decisions (0/1) on the positive and on the negative cases."""
+    tp = positive.sum(axis)
+    fn = positive.shape[axis] - tp
+    fp = negative.sum(axis)
+    return np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fn + fp, 1), 0.0)
 
 
 SEGMENTATION_METRICS = ("dice", "hd95_mm", "surface_dice", "volume_error_ml", "relative_volume_error")
 
 
 def summarise_segmentation(
-    records: Sequence[dict[str, Any]], label_names: Sequence[str], *, n_resamples: int = 1000
+    records: Sequence[dict[str, Any]],
+    label_names: Sequence[str],
+    *,
+    metrics: Sequence[str] = SEGMENTATION_METRICS,
+    n_resamples: int = 1000,
 ) -> dict[str, dict[str, Any]]:
     """Per label name and metric: mean over cases with a 95 % bootstrap interval.
 
     ``records`` are per-case dicts holding ``metrics[name][metric]``.
     """
-    out: dict[str, dict[str, Any]] = {}
-    for name in label_names:
-        out[name] = {
+    return {
+        name: {
             metric: mean_with_interval([r["metrics"][name][metric] for r in records], n_resamples=n_resamples)
-            for metric in SEGMENTATION_METRICS
+            for metric in metrics
         }
-    return out
-
-
-def _class_samples(y: np.ndarray) -> list[np.ndarray]:
-    return [np.flatnonzero(y == v) for v in np.unique(y)]
+        for name in label_names
+    }
 
 
 def classification_metrics(
@@ -216,22 +232,27 @@ def classification_metrics(
     mean_p, mean_gt, counts = calibration_binning(p_t, t_t, num_bins=n_bins)
     for k, name in enumerate(class_names):
         t, p, d = truth[:, k], probs[:, k], decided[:, k]
-        strata = _class_samples(t)
-
-        def interval(fn, values, t=t, strata=strata):
-            def statistic(*resampled):
-                index = np.concatenate(resampled).astype(int)
-                return fn(t[index], values[index])
-
-            return bootstrap_interval(strata, statistic, n_resamples=n_resamples)
-
+        pos, neg = t == 1, t == 0
+        both = bool(pos.any() and neg.any())
         entry = {
-            "positives": int(t.sum()),
-            "negatives": int(n - t.sum()),
-            "auroc": {"value": auroc(t, p), "ci95": interval(auroc, p) if 0 < t.sum() < n else None},
-            "sensitivity": {"value": sensitivity(t, d), "ci95": interval(sensitivity, d) if t.any() else None},
-            "specificity": {"value": specificity(t, d), "ci95": interval(specificity, d) if (t == 0).any() else None},
-            "f1": {"value": f1(t, d), "ci95": interval(f1, d)},
+            "positives": int(pos.sum()),
+            "negatives": int(neg.sum()),
+            "auroc": {
+                "value": auroc(t, p),
+                "ci95": bootstrap_interval([p[pos], p[neg]], _auroc_of, n_resamples=n_resamples) if both else None,
+            },
+            "sensitivity": {
+                "value": sensitivity(t, d),
+                "ci95": bootstrap_interval([d[pos]], np.mean, n_resamples=n_resamples) if pos.any() else None,
+            },
+            "specificity": {
+                "value": specificity(t, d),
+                "ci95": bootstrap_interval([1 - d[neg]], np.mean, n_resamples=n_resamples) if neg.any() else None,
+            },
+            "f1": {
+                "value": f1(t, d),
+                "ci95": bootstrap_interval([d[pos], d[neg]], _f1_of, n_resamples=n_resamples) if both else None,
+            },
             "ece": float(ece_values[k]),
             "reliability": {
                 "mean_probability": _nan_to_none(mean_p[0, k]),
@@ -274,13 +295,9 @@ def fairness_segmentation(
     for value, members in groups.items():
         table[value] = {
             "cases": len(members),
-            **{
-                name: {
-                    metric: mean_with_interval([r["metrics"][name][metric] for r in members], n_resamples=n_resamples)
-                    for metric in ("dice", "hd95_mm", "volume_error_ml")
-                }
-                for name in label_names
-            },
+            **summarise_segmentation(
+                members, label_names, metrics=("dice", "hd95_mm", "volume_error_ml"), n_resamples=n_resamples
+            ),
         }
     gaps = {}
     for name in label_names:
@@ -450,8 +467,6 @@ def evaluate_cases(
             if truth_image.GetSize() != image.GetSize():
                 raise DataError(f"row {case.row}: label is {truth_image.GetSize()} but the image is {image.GetSize()}")
             labels, _ = segment_image(package, image, device=device, domain=domain)
-            import SimpleITK as sitk
-
             pred = sitk.GetArrayFromImage(labels)
             truth = sitk.GetArrayFromImage(truth_image).astype(np.int64)
             if truth.min() < 0 or truth.max() >= cfg.num_classes:

@@ -15,6 +15,7 @@ from medtl.cli import main
 from medtl.data.dataset import Case
 from medtl.errors import DataError
 from medtl.evaluate import (
+    _auroc_of,
     bootstrap_interval,
     classification_metrics,
     fairness_classification,
@@ -60,6 +61,9 @@ def test_classification_metrics_match_hand_computed_values():
     m = classification_metrics(targets, probs, ["no", "yes"], n_resamples=200)
     yes = m["classes"]["yes"]
     assert yes["auroc"]["value"] == pytest.approx(0.75)  # 3 of the 4 (positive, negative) pairs ordered
+    # The bootstrap's vectorised AUROC (Mann-Whitney U) is the same number, ties counting half.
+    assert _auroc_of(p1[targets == 1], p1[targets == 0]) == pytest.approx(0.75)
+    assert _auroc_of(np.array([0.5, 0.9]), np.array([0.5, 0.1])) == pytest.approx(0.875)
     # argmax decides: only case 4 is called 'yes'.
     assert yes["sensitivity"]["value"] == pytest.approx(0.5) and yes["specificity"]["value"] == pytest.approx(1.0)
     assert yes["f1"]["value"] == pytest.approx(2 / 3)
@@ -90,7 +94,7 @@ def test_bootstrap_intervals_contain_the_point_estimate():
     for metric in ("auroc", "sensitivity", "specificity", "f1"):
         entry = m["classes"]["b"][metric]
         assert entry["ci95"][0] <= entry["value"] <= entry["ci95"][1], metric
-    assert bootstrap_interval([np.arange(2)], lambda i: 0.0) is None  # too few cases to resample
+    assert bootstrap_interval([np.arange(2.0)], np.mean) is None  # too few cases to resample
 
 
 def _cases(groups: list[str], column: str = "patient") -> list[Case]:
@@ -171,11 +175,11 @@ def _fast_config(csv: Path, out: Path, **overrides) -> Path:
 
 
 def _check_report(folder: Path, *, forbidden: str = "Doe_Jane") -> dict:
-    html = (folder / "report.html").read_text()
+    html = (folder / "report.html").read_text(encoding="utf-8")
     for section_id, title in SECTIONS:
         assert f'id="{section_id}"' in html and title in html
     assert html.count("data:image/png;base64,") >= 2
-    card_text = (folder / "model_card.json").read_text()
+    card_text = (folder / "model_card.json").read_text(encoding="utf-8")
     assert forbidden not in html and forbidden not in card_text
     assert "P0" not in re.sub(r"base64,[^\"]+", "", html)  # the identifier column is not summarised
     card = json.loads(card_text)
@@ -190,7 +194,7 @@ def test_evaluate_writes_metrics_fairness_card_and_report(tmp_path, grouped_data
     run = tmp_path / "run"
     card = _check_report(run)  # every training run has its report
     assert card["kind"] == "training" and card["metrics"]["cases"] == 2
-    manifest = json.loads((run / "model" / "medtl_package.json").read_text())
+    manifest = json.loads((run / "model" / "medtl_package.json").read_text(encoding="utf-8"))
     assert "Doe_Jane" not in json.dumps(manifest)
     assert manifest["provenance"]["groups"]["site"] and "patient_id" not in manifest["provenance"]["groups"]
 
@@ -214,7 +218,7 @@ def test_evaluate_writes_metrics_fairness_card_and_report(tmp_path, grouped_data
     assert code == 0
     printed = capsys.readouterr().out
     assert "6 case(s)" in printed and "Dice" in printed and "site=A: only 3 case(s)" in printed
-    result = json.loads((out / "evaluation.json").read_text())
+    result = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
     assert [c["row"] for c in result["cases"]] == [2, 3, 4, 5, 6, 7]
     disc = result["summary"]["metrics"]["disc"]["dice"]
     assert disc["n"] == 6 and disc["ci95"][0] <= disc["mean"] <= disc["ci95"][1]
@@ -266,16 +270,18 @@ def test_cross_validation_keeps_patients_whole_and_resumes(tmp_path, grouped_dat
     ]
     assert main(args) == 0
     out = tmp_path / "cv"
-    result = json.loads((out / "evaluation.json").read_text())
+    result = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
     rows = [c["row"] for c in result["cases"]]
     assert sorted(rows) == [2, 3, 4, 5, 6, 7]  # every case scored once, by the fold that did not train on it
-    folds = json.loads((out / "folds.json").read_text())["test_rows"]
+    folds = json.loads((out / "folds.json").read_text(encoding="utf-8"))["test_rows"]
     for test_rows in folds:
         patients = {(r - 2) // 2 for r in test_rows}
         assert len(patients) == 1 and len(test_rows) == 2  # a patient's two scans stay together
     for k in range(3):
         assert (out / f"fold_{k}" / "model" / "medtl_package.json").is_file()
         assert (out / f"fold_{k}" / "report.html").is_file()
+        fold_card = json.loads((out / f"fold_{k}" / "test" / "model_card.json").read_text(encoding="utf-8"))
+        assert fold_card["evaluation_data"]["cases"] == 2 and fold_card["metrics"]["cases"] == 2
     assert [f["test_cases"] for f in result["per_fold"]] == [2, 2, 2]
     # The three fold models, joined: one package that predicts on an unseen image.
     from medtl.package import load_package, segment_image
@@ -311,7 +317,7 @@ def test_evaluate_a_classifier_with_roc_calibration_and_fairness(tmp_path, capsy
     )
     run_training(cfg, events=EventSink())
     # Sites are A0, B0, A1, B1: one letter per class in this set, so group by the letter's column.
-    rows = (tmp_path / "set.csv").read_text().splitlines()
+    rows = (tmp_path / "set.csv").read_text(encoding="utf-8").splitlines()
     (tmp_path / "grouped.csv").write_text(
         "\n".join([rows[0] + ",scanner"] + [f"{r},{'XY'[i % 3 == 0]}" for i, r in enumerate(rows[1:])]) + "\n"
     )
@@ -319,7 +325,7 @@ def test_evaluate_a_classifier_with_roc_calibration_and_fairness(tmp_path, capsy
     args = ["evaluate", "--model", str(tmp_path / "run" / "model"), "--data", str(tmp_path / "grouped.csv")]
     assert main([*args, "--out", str(out), "--group-by", "scanner", "--bootstrap", "200", "--quiet"]) == 0
     assert "AUROC" in capsys.readouterr().out
-    result = json.loads((out / "evaluation.json").read_text())
+    result = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
     summary = result["summary"]
     targets = np.array([c["target"] for c in result["cases"]])
     probs = np.array([c["probabilities"] for c in result["cases"]])
@@ -330,6 +336,6 @@ def test_evaluate_a_classifier_with_roc_calibration_and_fairness(tmp_path, capsy
     fair = summary["fairness"][0]
     assert fair["column"] == "scanner" and set(fair["cases"]) == {"X", "Y"}
     assert fair["classes"]["lesion"]["equalized_odds_difference"] is not None
-    html = (out / "report.html").read_text()
+    html = (out / "report.html").read_text(encoding="utf-8")
     assert "ROC curves and reliability diagram" in html and "equalised-odds difference" in html
     assert "img0" not in html  # file names stay out
