@@ -3,7 +3,8 @@ grouped so that one patient or site never sits on both sides).
 
 Both write ``evaluation.json`` (per case and pooled, with intervals and fairness tables),
 ``model_card.json`` and ``report.html``. Cross-validation also keeps each fold's run directory
-(its own report and package), and can join the fold packages into an ensemble.
+(``fold_K/``: the run's own report and package, and ``fold_K/test/``: the report of the fold's
+model on its held-out cases), and can join the fold packages into an ensemble.
 
 Example:
     >>> from medtl.data.dataset import Case
@@ -239,7 +240,7 @@ def cross_validate(
     splits = fold_splits(cases, folds=folds, group_column=group_column, stratify=stratify, seed=cfg.train.seed)
     plan = {"folds": folds, "group_column": group_column, "test_rows": [[cases[i].row for i in t] for _, t in splits]}
     plan_file = out_dir / "folds.json"
-    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+    if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != plan:
         raise DataError(f"{plan_file}: this folder holds a cross-validation with other folds; use a new output_dir")
     _write_json(plan_file, plan)
     device = resolve_device(cfg.train.device, events)
@@ -268,8 +269,20 @@ def cross_validate(
                 events=events,
                 fold=k,
             )
+            # The fold's own report: its model on the cases it never saw.
+            _card_and_report(
+                fold_dir / "test",
+                kind="evaluation",
+                manifest=package.manifest,
+                records=records,
+                summary=summarise(records, cfg, group_by=(), n_resamples=n_resamples),
+                cases=fold_cases,
+                cfg=cfg,
+                title=f"MedTL cross-validation fold {k}: {cfg.model.name} on its {len(fold_cases)} test case(s)",
+                limitations=[f"One fold of {folds}: {len(fold_cases)} test case(s); see the pooled report."],
+            )
             _write_json(done_file, {"records": records})
-        records = json.loads(done_file.read_text())["records"]
+        records = json.loads(done_file.read_text(encoding="utf-8"))["records"]
         summary = summarise(records, cfg, group_by=(), n_resamples=n_resamples)
         per_fold.append({"fold": k, "test_cases": len(records), "summary": summary})
         all_records += records

@@ -41,7 +41,14 @@ def test_short_demo_writes_every_output(tmp_path, hub_cache):
     pred = sitk.ReadImage(str(tmp_path / "prediction.seg.nrrd"))
     image = sitk.ReadImage(str(tmp_path / "image.nrrd"))
     assert pred.GetSize() == image.GetSize() and pred.GetSpacing() == image.GetSpacing()
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert saved["evaluated_slices"] == 124 and saved["assumed_spacing_mm"] == [1.0, 1.0, 1.0]
     # One epoch of 20 steps already finds much of the liver with ImageNet features.
     assert metrics["dice_held_out"]["liver_and_tumour"] > 0.6, metrics["dice_held_out"]
+    # The report scores the held-out slices that show liver (in truth or prediction), not the empty ones.
+    card = json.loads((tmp_path / "model_card.json").read_text(encoding="utf-8"))
+    scored = card["metrics"]["cases"]
+    assert 20 < scored <= 124 and card["metrics"]["metrics"]["liver"]["dice"]["n"] == scored
+    assert "LiTS case 117" in card["limitations"][0] and "Known limitations" in (tmp_path / "report.html").read_text(
+        encoding="utf-8"
+    )
