@@ -217,6 +217,18 @@ def main(argv: list[str] | None = None) -> int:
             sink.close()
 
 
+def _run_config(args: argparse.Namespace):
+    """The run configuration file with the command line's --output-dir and --device on top."""
+    from medtl.config import RunConfig
+
+    cfg = RunConfig.load(args.config)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    if args.device:
+        cfg.train.device = args.device
+    return cfg
+
+
 def _dispatch(args: argparse.Namespace, make_sink) -> int:
     if args.command == "demo":
         from medtl.demo import run_demo
@@ -237,14 +249,9 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         return 0
 
     if args.command == "train":
-        from medtl.config import RunConfig
         from medtl.pipeline import run_training
 
-        cfg = RunConfig.load(args.config)
-        if args.output_dir:
-            cfg.output_dir = args.output_dir
-        if args.device:
-            cfg.train.device = args.device
+        cfg = _run_config(args)
         events = make_sink(Path(cfg.output_dir) / "events.jsonl")
         metrics = run_training(cfg, events=events, resume=args.resume)
         events.close()
@@ -359,14 +366,9 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         return 0
 
     if args.command == "cv":
-        from medtl.config import RunConfig
         from medtl.validation import cross_validate
 
-        cfg = RunConfig.load(args.config)
-        if args.output_dir:
-            cfg.output_dir = args.output_dir
-        if args.device:
-            cfg.train.device = args.device
+        cfg = _run_config(args)
         events = make_sink(Path(cfg.output_dir) / "events.jsonl")
         result = cross_validate(
             cfg,

@@ -35,7 +35,7 @@ import SimpleITK as sitk
 import torch
 
 from medtl.config import RunConfig
-from medtl.data.io import atomic_path, atomic_write_text, read_image
+from medtl.data.io import atomic_write_text, read_image
 from medtl.errors import DataError
 
 REFERENCE_FILE = "drift_reference.json"
@@ -171,7 +171,7 @@ def load_reference(package) -> dict[str, Any] | None:
     package = package.members[0] if hasattr(package, "members") else package
     if REFERENCE_FILE not in package.manifest.get("files", {}):
         return None
-    return json.loads((package.path / REFERENCE_FILE).read_text())
+    return json.loads((package.path / REFERENCE_FILE).read_text(encoding="utf-8"))
 
 
 def _embeddings(reference: dict[str, Any], profile: dict[str, Any]) -> np.ndarray | None:
@@ -298,7 +298,7 @@ def compare_profiles(reference: dict[str, Any], new: dict[str, Any], *, alpha: f
 
 def drift_figure(path: str | Path, reference: dict[str, Any], new: dict[str, Any], result: dict[str, Any]) -> Path:
     """Reference against new values of the most shifted features, and the PCA view."""
-    from medtl.report import _pyplot
+    from medtl.report import _pyplot, save_figure
 
     plt = _pyplot()
     names = reference["features"]
@@ -325,11 +325,7 @@ def drift_figure(path: str | Path, reference: dict[str, Any], new: dict[str, Any
     else:
         ax.axis("off")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _profile_csv(package, csv: str | Path, *, device, events) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import SimpleITK as sitk
 import torch
 
 from medtl.config import RunConfig
-from medtl.data.io import array_like, sha256_file
+from medtl.data.io import array_like, replace_directory, sha256_file
 from medtl.errors import DataError, WeightsError
 
 COMBINE = ("mean", "vote")
@@ -153,14 +153,7 @@ def save_ensemble(
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        replace_directory(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import medtl
 from medtl.config import RunConfig
-from medtl.data.io import array_like, resample_like, resample_to_spacing, sha256_file
+from medtl.data.io import array_like, replace_directory, resample_like, resample_to_spacing, sha256_file
 from medtl.data.presets import intensity_transform
 from medtl.errors import DataError, WeightsError
 from medtl.models.registry import TransferNet, build_model
@@ -181,14 +181,7 @@ def save_package(
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        replace_directory(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -67,10 +67,15 @@ def training_figure(
         ax.set_title(f"slice z={z} ({tag})\nfill: prediction, line: truth", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Writes a figure as PNG (atomically) and closes it."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 

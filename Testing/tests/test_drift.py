@@ -73,9 +73,9 @@ def test_medtl_drift_uses_the_profile_a_run_stores(tmp_path, synthetic_dataset, 
     assert main(["train", str(tmp_path / "run.json"), "--quiet"]) == 0
     capsys.readouterr()
     package = tmp_path / "run" / "model"
-    manifest = json.loads((package / "medtl_package.json").read_text())
+    manifest = json.loads((package / "medtl_package.json").read_text(encoding="utf-8"))
     assert REFERENCE_FILE in manifest["files"]
-    reference = json.loads((package / REFERENCE_FILE).read_text())
+    reference = json.loads((package / REFERENCE_FILE).read_text(encoding="utf-8"))
     assert len(reference["values"]) == 3 and len(reference["embedding"]["vectors"]) == 3
 
     rows = ["image"]
@@ -87,7 +87,7 @@ def test_medtl_drift_uses_the_profile_a_run_stores(tmp_path, synthetic_dataset, 
     assert main([*args, "--out", str(tmp_path / "d1")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("DRIFT") and "CSV row 2" in printed
-    result = json.loads((tmp_path / "d1" / "drift.json").read_text())
+    result = json.loads((tmp_path / "d1" / "drift.json").read_text(encoding="utf-8"))
     assert result["drift"] and (tmp_path / "d1" / "drift.png").stat().st_size > 1000
     assert main([*args, "--out", str(tmp_path / "d2"), "--fail-on-drift"]) == 1
 

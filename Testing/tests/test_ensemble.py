@@ -95,7 +95,7 @@ def test_mismatched_members_and_tampered_files_are_refused(tmp_path):
         save_ensemble(tmp_path / "e", [a])
     ensemble = save_ensemble(tmp_path / "e", [a, a])
     manifest = ensemble / "members" / "1" / "medtl_package.json"
-    manifest.write_text(manifest.read_text().replace('"disc"', '"DISC"'))
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace('"disc"', '"DISC"'))
     with pytest.raises(WeightsError, match="sha256 does not match the ensemble manifest"):
         load_package(ensemble)
 
@@ -107,4 +107,6 @@ def test_a_classifier_ensemble_averages_class_probabilities(tmp_path):
     pa, pb = (classify_image(load_package(m), image) for m in (a, b))
     both = classify_image(load_package(save_ensemble(tmp_path / "e", [a, b])), image)
     assert both == pytest.approx({k: (pa[k] + pb[k]) / 2 for k in pa}, abs=1e-6)
-    assert json.loads((tmp_path / "e" / "medtl_package.json").read_text())["task"] == "classification_2d"
+    assert (
+        json.loads((tmp_path / "e" / "medtl_package.json").read_text(encoding="utf-8"))["task"] == "classification_2d"
+    )

@@ -114,5 +114,5 @@ def test_3d_network_cam_by_sliding_window(tmp_path):
     assert cam.GetSize() == image.GetSize() and cam.GetDirection() == image.GetDirection()
     heat = sitk.GetArrayFromImage(cam)
     assert np.isfinite(heat).all() and 0 <= heat.min() and heat.max() <= 1.0
-    manifest = json.loads((path / "medtl_package.json").read_text())
+    manifest = json.loads((path / "medtl_package.json").read_text(encoding="utf-8"))
     assert manifest["model"]["name"] == "unet3d"

@@ -50,7 +50,7 @@ def test_2d_segmentation_exports_with_parity_and_dynamic_axes(tmp_path, capsys):
     code = main(["export", "--model", str(package), "--out", str(out), "--image", str(tmp_path / "ct.nrrd"), "--quiet"])
     assert code == 0
     assert "parity" in capsys.readouterr().out
-    report = json.loads((out / "export_report.json").read_text())
+    report = json.loads((out / "export_report.json").read_text(encoding="utf-8"))
     assert report["passed"] and report["check_input"] == "the given image" and report["check_shape"] == [8, 48, 48]
     onnx_entry = report["formats"]["onnx"]
     assert onnx_entry["max_abs_diff"] < 1e-4 and onnx_entry["voxels_differing"] == 0
@@ -68,7 +68,7 @@ def test_2d_segmentation_exports_with_parity_and_dynamic_axes(tmp_path, capsys):
     with torch.no_grad():
         assert torch.allclose(scripted(x), torch.from_numpy(want), atol=1e-5)
 
-    record = json.loads((out / "preprocessing.json").read_text())
+    record = json.loads((out / "preprocessing.json").read_text(encoding="utf-8"))
     assert record["intensity"]["window"] == [-200.0, 250.0] and record["slices"]["divisor"] == 32
     assert [e["name"] for e in record["output"]["labels"]] == ["background", "disc", "blob"]
     assert record["files"]["model.onnx"] == sha256_file(out / "model.onnx")
@@ -85,7 +85,7 @@ def test_3d_network_and_classifier_export_with_parity(tmp_path):
     report = export.export_package(package, tmp_path / "a" / "out", image=image, formats=["onnx"])
     entry = report["formats"]["onnx"]
     assert report["passed"] and entry["max_abs_diff"] < 1e-4 and "torchscript" not in report["formats"]
-    record = json.loads((tmp_path / "a" / "out" / "preprocessing.json").read_text())
+    record = json.loads((tmp_path / "a" / "out" / "preprocessing.json").read_text(encoding="utf-8"))
     assert record["sliding_window"]["roi_size"] == [16, 32, 32]
 
     package, net = _package(
@@ -111,7 +111,7 @@ def test_a_disagreeing_export_fails_with_the_numbers_and_keeps_its_files(tmp_pat
     monkeypatch.setattr(export, "_onnx_runner", noisy)
     with pytest.raises(export.ExportParityError, match=r"onnx export disagrees with PyTorch .*max \|difference\|"):
         export.export_package(package, tmp_path / "out", formats=["onnx"])
-    report = json.loads((tmp_path / "out" / "export_report.json").read_text())
+    report = json.loads((tmp_path / "out" / "export_report.json").read_text(encoding="utf-8"))
     assert not report["passed"] and report["formats"]["onnx"]["max_abs_diff"] > 1e-2
     assert (tmp_path / "out" / "model.onnx").is_file()
     with pytest.raises(DataError, match="choose from onnx, torchscript"):

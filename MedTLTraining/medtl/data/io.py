@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -62,6 +63,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def replace_directory(built: Path, path: Path) -> None:
+    """Puts the directory ``built`` (made beside ``path``) in ``path``'s place, so a reader sees
+    the old directory or the new one, never half of either."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        built.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        built.rename(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
