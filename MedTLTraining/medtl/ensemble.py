@@ -34,13 +34,14 @@ import torch
 from medtl.config import RunConfig
 from medtl.data.io import array_like, replace_directory, sha256_file
 from medtl.errors import DataError, WeightsError
+from medtl.package import PackageLabels
 
 COMBINE = ("mean", "vote")
 UNCERTAINTY = ("entropy", "variance", "mutual_information")
 
 
 @dataclass
-class EnsemblePackage:
+class EnsemblePackage(PackageLabels):
     path: Path
     manifest: dict[str, Any]
     members: list  # ModelPackage
@@ -49,13 +50,6 @@ class EnsemblePackage:
     def config(self) -> RunConfig:
         """The first member's configuration (label names, task; members agree on them)."""
         return self.members[0].config
-
-    @property
-    def labels(self) -> list[dict[str, Any]]:
-        return self.manifest["labels"]
-
-    def segments(self) -> list[tuple[int, str, tuple[float, float, float]]]:
-        return [(e["value"], e["name"], tuple(e["color"])) for e in self.labels if e["value"] != 0]
 
     @property
     def domains(self) -> list[str]:

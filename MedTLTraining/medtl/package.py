@@ -64,15 +64,11 @@ def label_table(names: Sequence[str]) -> list[dict[str, Any]]:
     return table
 
 
-@dataclass
-class ModelPackage:
-    path: Path
-    manifest: dict[str, Any]
-    model: TransferNet
+class PackageLabels:
+    """Label values, names and colours as a package's manifest lists them (single models and
+    ensembles alike)."""
 
-    @property
-    def config(self) -> RunConfig:
-        return RunConfig.from_dict(self.manifest["config"])
+    manifest: dict[str, Any]
 
     @property
     def labels(self) -> list[dict[str, Any]]:
@@ -80,6 +76,17 @@ class ModelPackage:
 
     def segments(self) -> list[tuple[int, str, tuple[float, float, float]]]:
         return [(e["value"], e["name"], tuple(e["color"])) for e in self.labels if e["value"] != 0]
+
+
+@dataclass
+class ModelPackage(PackageLabels):
+    path: Path
+    manifest: dict[str, Any]
+    model: TransferNet
+
+    @property
+    def config(self) -> RunConfig:
+        return RunConfig.from_dict(self.manifest["config"])
 
     @property
     def domains(self) -> list[str]:
