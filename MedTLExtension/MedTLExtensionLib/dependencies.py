@@ -22,13 +22,14 @@ __all__ = ["PIP_REQUIREMENTS", "check_device", "ensure_dependencies", "install_p
 
 # (import name, requirement) of the engine's PyPI dependencies besides torch.
 PIP_REQUIREMENTS = (
-    ("monai", "monai>=1.4"),
+    ("monai", "monai>=1.6"),
     ("SimpleITK", "SimpleITK>=2.3"),
     ("safetensors", "safetensors>=0.4"),
     ("einops", "einops>=0.7"),
     ("matplotlib", "matplotlib>=3.7"),
-    ("scipy", "scipy>=1.10"),
-    ("sklearn", "scikit-learn>=1.3"),
+    ("jinja2", "jinja2>=3.1"),
+    ("scipy", "scipy>=1.15"),
+    ("sklearn", "scikit-learn>=1.6"),
     ("fairlearn", "fairlearn>=0.10"),
     ("onnx", "onnx>=1.16"),
     ("onnxruntime", "onnxruntime>=1.18"),

@@ -32,8 +32,8 @@ def test_one_confirmation_lists_everything_and_torch_goes_first():
     )
     assert [c[0] for c in calls] == ["confirm", "torch", "pip"]
     message = calls[0][1]
-    assert "PyTorch" in message and "monai>=1.4" in message and "safetensors>=0.4" in message
-    assert calls[2][1] == ["monai>=1.4", "safetensors>=0.4"]
+    assert "PyTorch" in message and "monai>=1.6" in message and "safetensors>=0.4" in message
+    assert calls[2][1] == ["monai>=1.6", "safetensors>=0.4"]
     assert installed[0] == dependencies.TORCH_ITEM
 
 
