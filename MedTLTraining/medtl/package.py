@@ -339,6 +339,15 @@ def describe(path: str | Path) -> str:
         "  versions:      " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"  training data: {len(m.get('training_data', []))} file(s)",
     ]
+    provenance = m.get("provenance") or {}
+    if provenance.get("cases"):
+        groups = "; ".join(
+            f"{column}: " + ", ".join(f"{value} {n}" for value, n in counts.items())
+            for column, counts in provenance.get("groups", {}).items()
+        )
+        lines.append(f"  provenance:    {provenance['cases']} case(s)" + (f" ({groups})" if groups else ""))
+    if "drift_reference.json" in m.get("files", {}):
+        lines.append("  drift profile: of the training images (medtl drift)")
     if m.get("ensemble"):
         from medtl.ensemble import describe_ensemble
 

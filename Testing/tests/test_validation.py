@@ -197,6 +197,10 @@ def test_evaluate_writes_metrics_fairness_card_and_report(tmp_path, grouped_data
     manifest = json.loads((run / "model" / "medtl_package.json").read_text(encoding="utf-8"))
     assert "Doe_Jane" not in json.dumps(manifest)
     assert manifest["provenance"]["groups"]["site"] and "patient_id" not in manifest["provenance"]["groups"]
+    capsys.readouterr()
+    assert main(["info", str(run / "model")]) == 0
+    info = capsys.readouterr().out
+    assert "provenance:    4 case(s) (sex: " in info and "drift profile" in info and "Doe_Jane" not in info
 
     out = tmp_path / "eval"
     code = main(
