@@ -12,6 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
+    "performance.py",  # MedTL's overhead: training, inference, the MRML bridge, peak memory
     "strategies.py",  # the transfer-learning strategy study (segmentation and classification)
     "adaptation.py",  # the domain-adaptation study (AdaBN, DSBN, DANN on simulated scanner shifts)
 ]

@@ -1,0 +1,267 @@
+"""What MedTL's own code costs on top of the network's arithmetic (issue 7's first benchmarks).
+
+Each figure is a ratio against a reference measured in the same run, on the same network, data
+and batch (this machine is shared and noisy; absolute times alone mean little):
+
+- training: ``medtl.train.fit`` (its MONAI data pipeline, events, schedule) against a bare loop
+  (forward, loss, backward, step on ready-made batches) and against MONAI's ``SupervisedTrainer``
+  (what MONAI Label trains with) on a DataLoader of the same ready-made batches;
+- inference: ``predict_slices`` (a 2D network over every axial slice) against the raw batched
+  forward, and ``predict_sliding_window`` against raw ``monai.inferers.sliding_window_inference``;
+- the MRML bridge: a 512 x 512 x 300 label map into a segmentation node and back, against the
+  same array into a plain labelmap volume node and back (the least MRML can do).
+
+Every section runs in its own process so that its peak RSS is its own. Timings take the best of
+``--repeats`` runs after a warm-up.
+
+    python Testing/bench/performance.py [--quick] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+for sub in ("MedTLTraining", "MedTLExtension"):
+    sys.path.insert(0, str(REPO / sub))
+RESULTS = HERE / "results"
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, kernels, lazy imports
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def training(quick: bool, repeats: int) -> dict:
+    import numpy as np
+    import torch
+    from medtl.config import RunConfig
+    from medtl.data.slices import slice_items
+    from medtl.events import EventSink
+    from medtl.models.registry import build_model
+    from medtl.train import fit
+    from monai.engines import SupervisedTrainer
+    from monai.losses import DiceCELoss
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    size, batch, steps = (64, 4, 6) if quick else (128, 8, 12)
+    rng = np.random.default_rng(0)
+    volume = rng.random((24, size, size), dtype=np.float32)
+    labels = (volume > 0.6).astype(np.int64)
+    items = slice_items(volume, labels, slices=range(24))
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"name": "unet_mobilenet_v2", "pretrained": "none"},
+            "preprocessing": {"patch_size": [size, size]},
+            "strategy": {"name": "full_finetune", "encoder_lr_factor": 1.0},
+            "train": {"epochs": 1, "steps_per_epoch": steps, "batch_size": batch, "device": "cpu", "amp": False},
+            "augmentation": "none",
+            "optim": {"warmup_steps": 0},
+        }
+    )
+    # The same samples as ready-made batches for the bare loop and MONAI's trainer.
+    batches = [
+        (
+            torch.from_numpy(np.stack([items[(s * batch + i) % len(items)]["image"] for i in range(batch)])),
+            torch.from_numpy(np.stack([items[(s * batch + i) % len(items)]["label"] for i in range(batch)])),
+        )
+        for s in range(steps)
+    ]
+
+    def network():
+        torch.manual_seed(0)
+        return build_model("unet_mobilenet_v2", num_classes=2).train()
+
+    def bare():
+        model = network()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+    run_dir = Path(tempfile.mkdtemp(prefix="medtl-bench-fit-"))
+
+    def medtl():
+        # A new run directory each time: fit would otherwise resume nothing but read its checkpoint.
+        fit(cfg, items, run_dir=run_dir / str(time.perf_counter_ns()), events=EventSink(), model=network())
+
+    def monai_trainer():
+        model = network()
+        data = [{"image": x, "label": y} for x, y in batches]
+        trainer = SupervisedTrainer(
+            device=torch.device("cpu"),
+            max_epochs=1,
+            train_data_loader=torch.utils.data.DataLoader(data, batch_size=None),
+            network=model,
+            optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+            loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        )
+        trainer.run()
+
+    images = steps * batch
+    out = {"network": "unet_mobilenet_v2", "patch": [size, size], "batch": batch, "steps": steps}
+    for name, fn in (("bare_loop", bare), ("medtl_fit", medtl), ("monai_supervised_trainer", monai_trainer)):
+        seconds = _best(fn, repeats)
+        out[name] = {"seconds": round(seconds, 3), "images_per_s": round(images / seconds, 2)}
+    out["medtl_vs_bare"] = round(out["medtl_fit"]["images_per_s"] / out["bare_loop"]["images_per_s"], 3)
+    out["medtl_vs_monai"] = round(out["medtl_fit"]["images_per_s"] / out["monai_supervised_trainer"]["images_per_s"], 3)
+    return out
+
+
+def inference(quick: bool, repeats: int) -> dict:
+    import numpy as np
+    import torch
+    from medtl.infer import predict_slices, predict_sliding_window
+    from medtl.models.registry import build_model
+    from monai.inferers import sliding_window_inference
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    net2d = build_model("unet_mobilenet_v2", num_classes=3).eval()
+    n, size = (16, 128) if quick else (48, 256)
+    volume = np.random.default_rng(0).random((n, size, size), dtype=np.float32)
+
+    def raw_2d():
+        with torch.inference_mode():
+            for start in range(0, n, 16):
+                net2d(torch.from_numpy(volume[start : start + 16, None]))
+
+    def medtl_2d():
+        predict_slices(net2d, volume)
+
+    net3d = build_model("unet3d", num_classes=3).eval()
+    cube, roi = (48, (32, 32, 32)) if quick else (96, (64, 64, 64))
+    volume3d = np.random.default_rng(1).random((cube, cube, cube), dtype=np.float32)
+
+    def raw_3d():
+        with torch.inference_mode():
+            sliding_window_inference(
+                torch.from_numpy(volume3d[None, None]), roi, 2, net3d, overlap=0.25, mode="gaussian"
+            )
+
+    def medtl_3d():
+        predict_sliding_window(net3d, volume3d, roi_size=roi)
+
+    out = {"slices": [n, size, size], "volume_3d": [cube] * 3, "roi": list(roi)}
+    for name, fn in (("raw_forward_2d", raw_2d), ("medtl_predict_slices", medtl_2d)):
+        out[name] = round(_best(fn, repeats), 3)
+    for name, fn in (("raw_sliding_window_3d", raw_3d), ("medtl_predict_sliding_window", medtl_3d)):
+        out[name] = round(_best(fn, repeats), 3)
+    out["overhead_2d"] = round(out["medtl_predict_slices"] / out["raw_forward_2d"] - 1, 3)
+    out["overhead_3d"] = round(out["medtl_predict_sliding_window"] / out["raw_sliding_window_3d"] - 1, 3)
+    return out
+
+
+def mrml_bridge(quick: bool, repeats: int) -> dict:
+    import numpy as np
+    import slicer.util
+    from MedTLExtensionLib import mrml_bridge as bridge
+    from MedTLExtensionLib.headless_scene import create_headless_scene
+
+    shape = (60, 256, 256) if quick else (300, 512, 512)
+    labels = np.zeros(shape, np.uint8)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    labels[np.broadcast_to(((y - shape[1] / 2) ** 2 + (x - shape[2] / 2) ** 2) < (shape[1] / 4) ** 2, shape)] = 1
+    labels[((y - shape[1] / 3) ** 2 + (x - shape[2] / 3) ** 2 + (z - shape[0] / 2) ** 2) < (shape[1] / 10) ** 2] = 2
+    matrix = np.diag([0.8, 0.8, 1.5, 1.0])
+    h = create_headless_scene()
+    reference = bridge.array_to_volume(h.scene, labels.astype(np.int16), matrix, "ct")
+    segments = [(1, "liver", (0.9, 0.5, 0.4)), (2, "tumour", (0.5, 0.9, 0.5))]
+
+    def plain():
+        node = h.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        slicer.util.updateVolumeFromArray(node, labels)
+        back = slicer.util.arrayFromVolume(node).copy()
+        h.scene.RemoveNode(node)
+        return back
+
+    def segmentation():
+        node = bridge.labelmap_to_segmentation(
+            h.scene, h.segmentations_logic, labels, matrix, segments, reference_volume=reference
+        )
+        back, _ = bridge.segmentation_to_labelmap(h.scene, h.segmentations_logic, node, reference)
+        assert np.array_equal(back, labels)
+        h.scene.RemoveNode(node)
+
+    out = {"shape": list(shape)}
+    out["plain_labelmap_round_trip"] = round(_best(plain, repeats), 3)
+    out["segmentation_round_trip"] = round(_best(segmentation, repeats), 3)
+    out["ratio"] = round(out["segmentation_round_trip"] / out["plain_labelmap_round_trip"], 2)
+    return out
+
+
+SECTIONS = {"training": training, "inference": inference, "mrml_bridge": mrml_bridge}
+
+
+def _section(name: str, quick: bool, repeats: int) -> dict:
+    result = SECTIONS[name](quick, repeats)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
+
+
+def _table(results: dict) -> str:
+    t, i, m = results["training"], results["inference"], results["mrml_bridge"]
+    rows = [
+        "| what | MedTL | reference | ratio | peak RSS |",
+        "|---|---|---|---|---|",
+        f"| training {t['network']}, {t['patch'][0]}² patches, batch {t['batch']} | "
+        f"{t['medtl_fit']['images_per_s']} img/s | bare loop {t['bare_loop']['images_per_s']} img/s; MONAI "
+        f"SupervisedTrainer {t['monai_supervised_trainer']['images_per_s']} img/s | {t['medtl_vs_bare']} of bare; "
+        f"{t['medtl_vs_monai']} of MONAI | {t['peak_rss_mb']} MB |",
+        f"| 2D prediction, {i['slices'][0]} slices of {i['slices'][1]}² | {i['medtl_predict_slices']} s | "
+        f"raw forward {i['raw_forward_2d']} s | overhead {i['overhead_2d']:+.1%} | {i['peak_rss_mb']} MB |",
+        f"| 3D sliding window, {i['volume_3d'][0]}³, ROI {i['roi'][0]}³ | {i['medtl_predict_sliding_window']} s | "
+        f"raw sliding_window_inference {i['raw_sliding_window_3d']} s | overhead {i['overhead_3d']:+.1%} | (same) |",
+        f"| MRML bridge, {'×'.join(map(str, reversed(m['shape'])))} label map → segmentation → back | "
+        f"{m['segmentation_round_trip']} s | plain labelmap node {m['plain_labelmap_round_trip']} s | "
+        f"{m['ratio']}× | {m['peak_rss_mb']} MB |",
+    ]
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, figures not meaningful")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+        "date": date.today().isoformat(),
+        "quick": args.quick,
+    }
+    for name in SECTIONS:
+        # A fresh process per section: its peak RSS is its own, and an error comes back here.
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results[name] = pool.submit(_section, name, args.quick, args.repeats).result()
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    table = _table(results)
+    print(table)
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "performance.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        header = f"Measured {results['date']} on {results['machine']} (best of {args.repeats} after a warm-up).\n\n"
+        (RESULTS / "performance.md").write_text(header + table + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
