@@ -199,7 +199,11 @@ def gradcam_image(
     from medtl.package import classify_image, preprocess, working_image
 
     if hasattr(package, "members"):
-        # An ensemble looks where its members look: the mean of their maps, rescaled.
+        # An ensemble looks where its members look: the mean of their maps, rescaled. Every member
+        # explains the class the ensemble predicts, not its own.
+        if class_index is None and package.config.is_classification:
+            probs = classify_image(package, image, device=device, domain=domain)
+            class_index = int(np.argmax([probs[n] for n in package.config.data.label_names]))
         maps = [
             sitk.GetArrayFromImage(
                 gradcam_image(

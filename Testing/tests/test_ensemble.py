@@ -110,3 +110,16 @@ def test_a_classifier_ensemble_averages_class_probabilities(tmp_path):
     assert (
         json.loads((tmp_path / "e" / "medtl_package.json").read_text(encoding="utf-8"))["task"] == "classification_2d"
     )
+
+
+def test_an_ensemble_explains_as_its_members_do(tmp_path):
+    from medtl.explain import gradcam_image
+
+    member = _member(tmp_path / "a", seed=0)
+    image, _ = synthetic_case(5)
+    single = sitk.GetArrayFromImage(gradcam_image(load_package(member), image))
+    assert single.max() == pytest.approx(1.0)  # a map with something in it, not all zeros
+    ensemble = load_package(save_ensemble(tmp_path / "e", [member, member]))
+    cam = gradcam_image(ensemble, image)
+    assert cam.GetDirection() == image.GetDirection() and cam.GetOrigin() == image.GetOrigin()
+    np.testing.assert_allclose(sitk.GetArrayFromImage(cam), single, atol=1e-5)
