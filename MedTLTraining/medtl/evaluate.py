@@ -106,12 +106,13 @@ def bootstrap_interval(
 
     ``samples`` are resampled independently: one array is the plain bootstrap; the positive and
     the negative cases' values as two arrays is the stratified bootstrap, where every resample
-    keeps both sides of an AUROC. None when there are too few cases to resample.
+    keeps both sides of an AUROC. None when there are too few cases to resample (SciPy needs two
+    per array: a held-out split with a single positive case has no interval).
     """
     from scipy.stats import bootstrap
 
     samples = [np.asarray(s, dtype=np.float64) for s in samples]
-    if n_resamples <= 0 or sum(len(s) for s in samples) < 3 or any(len(s) == 0 for s in samples):
+    if n_resamples <= 0 or sum(len(s) for s in samples) < 3 or any(len(s) < 2 for s in samples):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a degenerate (constant) statistic gives a zero-width interval
