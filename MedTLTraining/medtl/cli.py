@@ -2,6 +2,7 @@
 
     medtl demo [--out DIR] [--slices K] [--compare-scratch] [--device auto|cpu|cuda]
     medtl train CONFIG [--resume]
+    torchrun --nproc_per_node N -m medtl train CONFIG [--resume]   (data-parallel, see medtl.distributed)
     medtl predict --model PKG --image IMG --out SEG [--probabilities PROB] [--uncertainty UNC] [--domain D]
     medtl adapt --model PKG (--data CSV | --image IMG ...) --out PKG2 [--domain D]
     medtl evaluate --model PKG --data CSV --out DIR [--group-by COL ...] [--bootstrap N]
@@ -249,12 +250,16 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         return 0
 
     if args.command == "train":
+        from medtl.distributed import process_group
         from medtl.pipeline import run_training
 
         cfg = _run_config(args)
-        events = make_sink(Path(cfg.output_dir) / "events.jsonl")
-        metrics = run_training(cfg, events=events, resume=args.resume)
+        with process_group(cfg.train.device) as world:  # one of N under torchrun, else the only one
+            events = make_sink(Path(cfg.output_dir) / "events.jsonl") if world.is_main else EventSink()
+            metrics = run_training(cfg, events=events, resume=args.resume)
         events.close()
+        if not world.is_main:
+            return 0
         if args.events != "-":
             print(f"run written to {cfg.output_dir} (model package: {Path(cfg.output_dir) / 'model'})")
             print(json.dumps({k: v for k, v in metrics.items() if k != "val_cases_dice"}, indent=2))

@@ -153,7 +153,8 @@ class TrainConfig:
 
     ``early_stopping_patience`` stops after that many epochs without a better validation score
     (0: never); ``keep_best`` puts the best-scoring epoch's weights, not the last, into the package.
-    Both need a validation split.
+    Both need a validation split. ``batch_size`` is the global batch: under ``torchrun`` each of N
+    processes trains on ``batch_size / N`` samples of every step.
     """
 
     epochs: int = 20
@@ -164,6 +165,14 @@ class TrainConfig:
     amp: bool = True
     early_stopping_patience: int = 0
     keep_best: bool = True
+    # DataLoader worker processes for augmentation; null: 0 on the CPU (the workers would take the
+    # cores the network computes on), up to 4 per GPU process on CUDA.
+    num_workers: int | None = None
+    # Under torchrun on GPUs: BatchNorm statistics over the global batch, not each GPU's share.
+    sync_batchnorm: bool = True
+    # torch.compile the network for training (PyTorch 2 graph compiler): pays off on long GPU runs,
+    # costs a compilation (tens of seconds) at the start and at every unfreezing step.
+    compile: bool = False
 
 
 @dataclass
@@ -287,6 +296,8 @@ class RunConfig:
             raise bad("strategy.plateau_patience", "must be at least 1")
         if not 0 < self.strategy.lr_decay <= 1:
             raise bad("strategy.lr_decay", "must be in (0, 1]")
+        if self.train.num_workers is not None and self.train.num_workers < 0:
+            raise bad("train.num_workers", "must not be negative (null: automatic)")
         if self.train.early_stopping_patience < 0:
             raise bad("train.early_stopping_patience", "must not be negative (0 turns early stopping off)")
         if self.preprocessing.spacing is not None and (

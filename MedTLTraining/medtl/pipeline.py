@@ -245,13 +245,16 @@ def run_training(
     history, for live curves) and reported for the final network. The run ends with a model card
     and an HTML report.
     """
+    from medtl.distributed import world
     from medtl.report import training_figure
 
     if not cfg.data.csv and cases is None:
         raise DataError("config field 'data.csv' is empty: name the dataset CSV")
+    main = world().is_main  # under torchrun, rank 0 writes everything
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.json")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
     if cases is None:
         cases = load_cases(cfg.data.csv, label_files=not cfg.is_classification)
     train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.train.seed, cfg.data.group_column)
@@ -288,7 +291,10 @@ def run_training(
         from medtl.adaptation.adapt_package import target_record
 
         record["target"] = target_record([c.image for c in target_cases])
-    score, per_case = validation_scorer(val_cases, cfg, device, domain_of) if val_cases else (None, [])
+    if val_cases and not main:
+        score, per_case = _scored_by_rank_0, []
+    else:
+        score, per_case = validation_scorer(val_cases, cfg, device, domain_of) if val_cases else (None, [])
     result = fit(
         cfg,
         training_items(train_cases, cfg, domain_of),
@@ -300,6 +306,8 @@ def run_training(
         target_items=unlabelled_items(target_cases, cfg) if adaptation.method == "dann" else None,
     )
 
+    if not main:
+        return {"rank": world().rank, "epochs_trained": len(result.history)}
     metrics: dict[str, Any] = {
         "train_cases": len(train_cases),
         "val_cases": len(val_cases),
@@ -354,6 +362,10 @@ def run_training(
     run_report(run_dir, package, val_cases, result.history, metrics, device=device, events=events)
     events.emit("done", run_dir=str(run_dir), package=str(package), metrics=metrics)
     return metrics
+
+
+def _scored_by_rank_0(model) -> dict[str, float]:
+    raise AssertionError("validation runs on rank 0 only; fit broadcasts its scores")
 
 
 def _without_file_names(metrics: dict[str, Any]) -> dict[str, Any]:

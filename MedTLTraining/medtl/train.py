@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,17 +33,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import Dataset
-from torch.utils.data import DataLoader, RandomSampler
+from monai.transforms import apply_transform
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
+from medtl import distributed
 from medtl.adaptation.dann import DomainAdversary, ramp
 from medtl.adaptation.dsbn import DomainBatchSampler, convert_to_dsbn, domain_layers, use_domain
 from medtl.config import RunConfig
 from medtl.data.io import atomic_path
 from medtl.data.presets import training_transform
-from medtl.errors import DataError
+from medtl.errors import ConfigError, DataError, MedTLError
 from medtl.events import EventSink
-from medtl.models.registry import TransferNet, build_model
+from medtl.memory import available_memory, estimate_training_memory, gib, smaller_patch
+from medtl.models.registry import MODELS, TransferNet, build_model
 from medtl.strategies import param_groups, set_trainable_stages, unfrozen_stages
 
 log = logging.getLogger(__name__)
@@ -235,7 +238,14 @@ def fit(
     """
     if not items:
         raise ValueError("no training samples")
-    events = events or EventSink()
+    world = distributed.world()
+    # Rank 0 reports, checkpoints and validates for every process of a torchrun run.
+    events = (events or EventSink()) if world.is_main else EventSink()
+    if world.size > 1 and target_items is not None:
+        raise ConfigError(
+            "adversarial training (adaptation.method 'dann') runs in one process: start it without torchrun"
+        )
+    local_batch = distributed.local_batch_size(cfg.train.batch_size, world)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device, events)
@@ -251,6 +261,8 @@ def fit(
         if not domain_layers(model):
             convert_to_dsbn(model, n_domains)
     model.to(device)
+    if world.size > 1 and device.type == "cuda" and cfg.train.sync_batchnorm and not n_domains:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if device.type == "cuda" and cfg.spatial_dims == 2:
         model.to(memory_format=torch.channels_last)
 
@@ -286,7 +298,13 @@ def fit(
     start_epoch = 0
     ckpt_path = run_dir / CHECKPOINT
     best_path = run_dir / BEST
-    if resume and ckpt_path.is_file():
+    found = distributed.broadcast(resume and ckpt_path.is_file(), world)
+    if found and not ckpt_path.is_file():
+        raise DataError(
+            f"process {world.rank} cannot see {ckpt_path}, which rank 0 resumes from: "
+            "the run directory must be on storage that every node shares"
+        )
+    if found:
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         saved = state.get("adaptation", {"adversarial": False, "n_domains": 0})
         wanted = {"adversarial": adversary is not None, "n_domains": n_domains}
@@ -303,7 +321,7 @@ def fit(
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
         events.emit("message", message=f"resuming from epoch {start_epoch} ({ckpt_path})")
-    elif best_path.exists():
+    elif best_path.exists() and world.is_main:
         best_path.unlink()  # a best checkpoint from an earlier run in this folder is not this run's
 
     val_key = "val_auroc" if cfg.is_classification else "val_dice"
@@ -332,38 +350,92 @@ def fit(
         spatial_dims=cfg.spatial_dims,
         classification=cfg.is_classification,
     )
-    dataset = Dataset(data=list(items), transform=transform)
     generator = torch.Generator()
-    n_samples = cfg.train.steps_per_epoch * cfg.train.batch_size
-    pin = device.type == "cuda"
     if n_domains:
-        batches = DomainBatchSampler(
+        global_batches: Sampler = DomainBatchSampler(
             [int(item["domain"]) for item in items],
             batch_size=cfg.train.batch_size,
             n_batches=cfg.train.steps_per_epoch,
             generator=generator,
         )
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=0, pin_memory=pin)
     else:
-        sampler = RandomSampler(dataset, replacement=True, num_samples=n_samples, generator=generator)
-        loader = DataLoader(
-            dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=0, pin_memory=pin, drop_last=True
-        )
+        global_batches = _random_batches(len(items), cfg, generator)
+    samples = SampleSeeds(global_batches)
+    workers = worker_count(cfg.train.num_workers, device, world)
+    loader = _loader(items, transform, distributed.ShardedBatches(samples, world), device, workers)
     target_generator = torch.Generator()
+    target_samples = None
     target_loader: Any = [None] * cfg.train.steps_per_epoch
     if adversary is not None:
-        target_set = Dataset(data=list(target_items), transform=transform)
-        target_sampler = RandomSampler(target_set, replacement=True, num_samples=n_samples, generator=target_generator)
-        target_loader = DataLoader(
-            target_set,
-            batch_size=cfg.train.batch_size,
-            sampler=target_sampler,
-            num_workers=0,
-            pin_memory=pin,
-            drop_last=True,
-        )
+        target_samples = SampleSeeds(_random_batches(len(target_items), cfg, target_generator))
+        target_loader = _loader(target_items, transform, target_samples, device, workers)
 
-    events.emit("start", run_dir=str(run_dir), total_steps=total_steps, device=str(device), label=label)
+    patch = list(cfg.preprocessing.patch_size)
+    micro_batch = int(last.get("micro_batch", local_batch))
+    train_patch = list(last.get("train_patch", patch))
+
+    def step(net, x, y, xt, ids, weight: float, micro_batch: int, train_patch: list[int]) -> tuple[float, list[float]]:
+        """Forward and backward of one batch, in micro-batches of ``micro_batch`` samples whose
+        gradients add up to the whole batch's; returns the batch's task loss and, for adversarial
+        training, the domain losses, with the domain classifier's hits counted in ``domain_hits``."""
+        domain_losses: list[float] = []
+        optimizer.zero_grad(set_to_none=True)
+        if train_patch != patch:
+            x, y, xt = (_center_crop(t, train_patch) for t in (x, y, xt))
+        if device.type == "cuda" and cfg.spatial_dims == 2:
+            x = x.contiguous(memory_format=torch.channels_last)
+        task_total = 0.0
+        for start in range(0, x.shape[0], micro_batch):
+            xs, ys = x[start : start + micro_batch], y[start : start + micro_batch]
+            share = xs.shape[0] / x.shape[0]
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                if adversary is not None:
+                    # Source and target in separate passes: BatchNorm normalises each batch with its
+                    # own domain's statistics (one mixed batch would blur them and hurt the task),
+                    # while the domain classifier sees the features of both. The target pass leaves
+                    # the running statistics alone, so the package normalises as its task was trained.
+                    xts = xt[start : start + micro_batch].to(xs.dtype)
+                    with adversary.capturing():
+                        logits = net(xs)
+                        source_domain = adversary(weight)
+                    with adversary.capturing(), _frozen_statistics(model):
+                        net(xts)
+                        target_domain = adversary(weight)
+                    domain_logits = torch.cat([source_domain, target_domain]).float()
+                    task_loss = loss_fn(logits, ys)
+                    domain_target = torch.cat(
+                        [
+                            torch.zeros(xs.shape[0], dtype=torch.long),
+                            torch.ones(xts.shape[0], dtype=torch.long),
+                        ]
+                    ).to(device)
+                    domain_loss = torch.nn.functional.cross_entropy(domain_logits, domain_target)
+                    loss = task_loss + domain_loss
+                    domain_losses.append(float(domain_loss.detach()))
+                    domain_hits[0] += int((domain_logits.argmax(1) == domain_target).sum())
+                    domain_hits[1] += domain_target.numel()
+                elif n_domains:
+                    # One domain per batch (the sampler's rule): an int avoids a device sync per layer.
+                    part = ids[start : start + micro_batch]
+                    with use_domain(model, int(part[0]) if bool((part == part[0]).all()) else part.to(device)):
+                        loss = task_loss = loss_fn(net(xs), ys)
+                else:
+                    loss = task_loss = loss_fn(net(xs), ys)
+            scaler.scale(loss * share if share != 1 else loss).backward()
+            task_total += float(task_loss.detach()) * share
+        return task_total, domain_losses
+
+    events.emit(
+        "start",
+        run_dir=str(run_dir),
+        total_steps=total_steps,
+        device=str(device),
+        label=label,
+        processes=world.size,
+        workers=workers,
+    )
+    micro_batch = _memory_check(model, cfg, device, world, local_batch, micro_batch, use_amp, events)
+    net = _parallel(model, cfg, world, device, find_unused=bool(n_domains))
     t0 = time.perf_counter()
     steps_done = 0
     images = 0
@@ -373,63 +445,55 @@ def fit(
         seed = cfg.train.seed * 100_003 + epoch
         generator.manual_seed(seed)
         target_generator.manual_seed(seed + 7919)
-        transform.set_random_state(seed=seed % (2**32))
-        torch.manual_seed(seed)
+        samples.epoch_seed = seed
+        if target_samples is not None:
+            target_samples.epoch_seed = seed + 7919
+        # Dropout draws its own masks in each process: the same masks on every share of the batch
+        # would correlate what should be independent noise.
+        torch.manual_seed(seed + 1_000_003 * world.rank)
         unfrozen = unfrozen_stages(strategy, epoch, n_stages, plateau_unfrozen=plateau_unfrozen)
         if n_stages and unfrozen != current:
             set_trainable_stages(model, unfrozen)
+            # DDP registers the parameters that need gradients when it wraps the network.
+            net = _parallel(model, cfg, world, device, find_unused=bool(n_domains))
             if epoch > start_epoch or unfrozen < n_stages:
                 events.emit("phase", name=_phase_name(unfrozen, n_stages))
             current = unfrozen
-        model.train()
+        net.train()
         losses = []
         domain_losses: list[float] = []
-        domain_correct = domain_seen = 0
+        domain_hits = [0, 0]  # the domain classifier's correct answers, answers
         for batch, target_batch in zip(loader, target_loader, strict=True):
             x = _tensor(batch["image"], device)
             y = _tensor(batch["label"], device)
-            if device.type == "cuda" and cfg.spatial_dims == 2:
-                x = x.contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                if adversary is not None:
-                    # Source and target in separate passes: BatchNorm normalises each batch with its own
-                    # domain's statistics (one mixed batch would blur them and hurt the task), while
-                    # the domain classifier sees the features of both. The target pass leaves the
-                    # running statistics alone, so the package normalises as its task was trained.
-                    xt = _tensor(target_batch["image"], device).to(x.dtype)
-                    progress = (epoch * cfg.train.steps_per_epoch + len(losses)) / max(1, total_steps)
-                    weight = cfg.adaptation.dann_weight * ramp(progress, cfg.adaptation.dann_gamma)
-                    with adversary.capturing():
-                        logits = model(x)
-                        source_domain = adversary(weight)
-                    with adversary.capturing(), _frozen_statistics(model):
-                        model(xt)
-                        target_domain = adversary(weight)
-                    domain_logits = torch.cat([source_domain, target_domain]).float()
-                    task_loss = loss_fn(logits, y)
-                    domain_target = torch.cat(
-                        [torch.zeros(x.shape[0], dtype=torch.long), torch.ones(xt.shape[0], dtype=torch.long)]
-                    ).to(device)
-                    domain_loss = torch.nn.functional.cross_entropy(domain_logits, domain_target)
-                    loss = task_loss + domain_loss
-                    domain_losses.append(float(domain_loss.detach()))
-                    domain_correct += int((domain_logits.argmax(1) == domain_target).sum())
-                    domain_seen += domain_target.numel()
-                elif n_domains:
-                    ids = batch["domain"]
-                    # One domain per batch (the sampler's rule): an int avoids a device sync per layer.
-                    with use_domain(model, int(ids[0]) if bool((ids == ids[0]).all()) else ids.to(device)):
-                        loss = task_loss = loss_fn(model(x), y)
-                else:
-                    loss = task_loss = loss_fn(model(x), y)
-            scaler.scale(loss).backward()
+            xt = _tensor(target_batch["image"], device) if adversary is not None else None
+            weight = 0.0
+            if adversary is not None:
+                progress = (epoch * cfg.train.steps_per_epoch + len(losses)) / max(1, total_steps)
+                weight = cfg.adaptation.dann_weight * ramp(progress, cfg.adaptation.dann_gamma)
+
+            while True:
+                try:
+                    task_loss_value, step_domain_losses = step(
+                        net, x, y, xt, batch.get("domain"), weight, micro_batch, train_patch
+                    )
+                    domain_losses += step_domain_losses
+                    break
+                except torch.OutOfMemoryError as err:
+                    # Outside this handler the failed step's tensors are free to go.
+                    failure = str(err).splitlines()[0]
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                micro_batch, train_patch = _after_out_of_memory(
+                    failure, cfg, world, micro_batch, train_patch, events, epoch=epoch + 1
+                )
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            losses.append(float(task_loss.detach()))
+            losses.append(task_loss_value)
             steps_done += 1
-            images += x.shape[0]
+            images += x.shape[0] * world.size
             global_step = epoch * cfg.train.steps_per_epoch + len(losses)
             elapsed = time.perf_counter() - t0
             eta = elapsed / steps_done * (total_steps - global_step)
@@ -445,22 +509,26 @@ def fit(
             )
         record: dict[str, Any] = {
             "epoch": epoch + 1,
-            "loss": float(np.mean(losses)),
+            "loss": distributed.mean_over_ranks(float(np.mean(losses)), world),
             "lr": optimizer.param_groups[0]["lr"],
             "encoder_trainable": unfrozen > 0,
             "unfrozen_stages": unfrozen,
             "seconds": round(time.perf_counter() - t0, 2),
         }
+        if micro_batch < local_batch:
+            record["micro_batch"] = micro_batch
+        if train_patch != patch:
+            record["train_patch"] = train_patch
         if adversary is not None:
             record.update(
                 domain_loss=float(np.mean(domain_losses)),
-                domain_accuracy=domain_correct / max(1, domain_seen),
+                domain_accuracy=domain_hits[0] / max(1, domain_hits[1]),
                 dann_weight=weight,
             )
         improved = False
         if validate is not None:
             model.eval()
-            record[val_key] = validate(model)
+            record[val_key] = distributed.broadcast(validate(model) if world.is_main else None, world)
             values = [v for v in record[val_key].values() if not math.isnan(v)]
             score = float(np.mean(values)) if values else None
             record["val_score"] = score
@@ -485,19 +553,21 @@ def fit(
             record.update(best_epoch=best_epoch, stall=stall, plateau_unfrozen=plateau_unfrozen)
             record["stopped_early"] = stopped_early
         history.append(record)
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(
-                {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": history,
-                    "adaptation": {"adversarial": adversary is not None, "n_domains": n_domains},
-                    **({"adversary": adversary.state_dict()} if adversary is not None else {}),
-                },
-                tmp,
-            )
+        if world.is_main:
+            with atomic_path(ckpt_path) as tmp:
+                torch.save(
+                    {
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "history": history,
+                        "adaptation": {"adversarial": adversary is not None, "n_domains": n_domains},
+                        **({"adversary": adversary.state_dict()} if adversary is not None else {}),
+                    },
+                    tmp,
+                )
+        distributed.barrier(world)
         elapsed = time.perf_counter() - t0
         events.emit(
             "epoch",
@@ -511,7 +581,7 @@ def fit(
             label=label,
             **({val_key: record[val_key]} if val_key in record else {}),
         )
-        if validate is not None and improved:
+        if validate is not None and improved and world.is_main:
             # After the checkpoint, and tagged with its epoch: a crash in between leaves a best file
             # that the history does not point at, which the load below refuses.
             with atomic_path(best_path) as tmp:
@@ -521,7 +591,7 @@ def fit(
         adversary.remove()
     final_epoch = history[-1]["epoch"] if history else 0
     kept_epoch = None
-    if cfg.train.keep_best and best_epoch is not None:
+    if cfg.train.keep_best and best_epoch is not None and world.is_main:
         if best_epoch == final_epoch:
             kept_epoch = best_epoch
         else:
@@ -594,3 +664,189 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes: Sequence[int]) 
 def summarize(values: Sequence[float]) -> dict[str, Any]:
     arr = np.asarray(values, dtype=float)
     return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "values": arr.tolist()}
+
+
+class SampleSeeds(Sampler[list[tuple[int, int]]]):
+    """Tags every drawn index with a seed for its augmentation, from the epoch's seed and the
+    sample's place in the epoch: a sample is augmented the same whichever process or DataLoader
+    worker loads it, so one process, N torchrun processes and any number of workers train on the
+    same batches (and a resumed run continues exactly)."""
+
+    def __init__(self, batches: Sampler[list[int]]) -> None:
+        self.batches = batches
+        self.epoch_seed = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self):
+        position = 0
+        for batch in self.batches:
+            keys = []
+            for index in batch:
+                keys.append((int(index), (self.epoch_seed * 1_000_003 + position) % 2**32))
+                position += 1
+            yield keys
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[dict[str, Any]], transform) -> None:
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, seed = key
+        self.transform.set_random_state(seed=seed)
+        return apply_transform(self.transform, dict(self.items[index]))
+
+
+def _random_batches(n_items: int, cfg: RunConfig, generator: torch.Generator) -> Sampler[list[int]]:
+    """``steps_per_epoch`` global batches of indices drawn with replacement."""
+    n_samples = cfg.train.steps_per_epoch * cfg.train.batch_size
+    draws = RandomSampler(range(n_items), replacement=True, num_samples=n_samples, generator=generator)
+    return BatchSampler(draws, cfg.train.batch_size, drop_last=True)
+
+
+def worker_count(requested: int | None, device: torch.device, world: distributed.World) -> int:
+    """DataLoader workers: as configured, else none on the CPU (they would compete with the
+    network for the cores) and up to 4 per process on a GPU, leaving a core to each process."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores // world.size - 1))
+
+
+def _loader(items, transform, batches: Sampler, device: torch.device, workers: int) -> DataLoader:
+    return DataLoader(
+        _SeededSamples(items, transform),
+        batch_sampler=batches,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+
+
+def _parallel(
+    model: TransferNet, cfg: RunConfig, world: distributed.World, device: torch.device, *, find_unused: bool
+) -> torch.nn.Module:
+    """What the training step calls: the network, wrapped in DistributedDataParallel under
+    torchrun (gradients averaged across processes during the backward pass) and compiled when
+    ``train.compile`` asks for it."""
+    net: torch.nn.Module = model
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            model,
+            device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
+            # Domain-specific BatchNorm leaves the other domains' layers without gradients.
+            find_unused_parameters=find_unused,
+        )
+    if cfg.train.compile:
+        net = torch.compile(net)
+    return net
+
+
+def _memory_check(
+    model: TransferNet,
+    cfg: RunConfig,
+    device: torch.device,
+    world: distributed.World,
+    local_batch: int,
+    micro_batch: int,
+    amp: bool,
+    events: EventSink,
+) -> int:
+    """Says what the run is expected to need before it starts, and on a GPU that cannot hold the
+    batch starts with micro-batches that fit (gradients accumulated: the same batch)."""
+    patch = cfg.preprocessing.patch_size
+    try:
+        estimate = estimate_training_memory(model, (cfg.in_channels, *patch), batch_size=micro_batch, amp=amp)
+    except (RuntimeError, NotImplementedError) as err:  # an operation without a shape-only kernel
+        events.emit("warning", message=f"could not estimate the training memory: {err}")
+        return micro_batch
+    free = available_memory(device)
+    where = "GPU memory free" if device.type == "cuda" else "memory available"
+    per = " per process" if world.size > 1 else ""
+    events.emit(
+        "message",
+        message=f"estimated training memory {gib(estimate.total)}{per} (batch {micro_batch}, patch "
+        f"{'x'.join(map(str, patch))}, {'mixed' if amp else 'full'} precision); {where}: {gib(free)}",
+        memory_estimate_bytes=estimate.total,
+        memory_available_bytes=free,
+    )
+    if free is None or estimate.total <= free:
+        return micro_batch
+    fits = estimate.largest_batch(free)
+    if device.type == "cuda" and world.size == 1 and 1 <= fits < micro_batch:
+        events.emit(
+            "warning",
+            message=f"a batch of {micro_batch} is estimated not to fit into {gib(free)}: training in micro-batches of "
+            f"{fits} with gradients accumulated over the batch of {local_batch}",
+        )
+        return fits
+    events.emit(
+        "warning",
+        message=f"the estimate ({gib(estimate.total)}) exceeds the {where} ({gib(free)}): lower train.batch_size or "
+        "preprocessing.patch_size if the run fails",
+    )
+    return micro_batch
+
+
+def _after_out_of_memory(
+    failure: str,
+    cfg: RunConfig,
+    world: distributed.World,
+    micro_batch: int,
+    train_patch: list[int],
+    events: EventSink,
+    *,
+    epoch: int,
+) -> tuple[int, list[int]]:
+    """The next thing to try after running out of memory in a training step: half the micro-batch
+    (the gradients still add up to the configured batch), and at one sample a smaller training
+    patch; raises when neither is left."""
+    if world.size > 1:
+        # The other processes are already waiting in the gradient exchange of this step.
+        raise MedTLError(
+            f"out of memory in process {world.rank} ({failure}): lower train.batch_size or preprocessing.patch_size"
+        )
+    if micro_batch > 1:
+        smaller = micro_batch // 2
+        events.emit(
+            "warning",
+            message=f"out of memory at epoch {epoch} with {micro_batch} samples at once; going on with micro-batches "
+            f"of {smaller} (gradients accumulated over the batch of {cfg.train.batch_size}). ({failure})",
+        )
+        return smaller, train_patch
+    spec = MODELS[cfg.model.name]
+    patch = None if cfg.is_classification else smaller_patch(train_patch, divisor=spec.divisor, min_size=spec.min_size)
+    if patch is None:
+        raise MedTLError(
+            f"out of memory with one sample of {'x'.join(map(str, train_patch))} voxels ({failure}): "
+            "choose a smaller network or preprocessing.patch_size, or free the GPU"
+        )
+    events.emit(
+        "warning",
+        message=f"out of memory at epoch {epoch} with one sample of {'x'.join(map(str, train_patch))}; going on with "
+        f"training patches of {'x'.join(map(str, patch))} (prediction keeps its window). ({failure})",
+    )
+    return micro_batch, patch
+
+
+def _center_crop(tensor: torch.Tensor | None, size: Sequence[int]) -> torch.Tensor | None:
+    """The central ``size`` of the spatial axes of a (N, C, *spatial) batch (the augmentation
+    already placed the patch at random)."""
+    if tensor is None:
+        return None
+    spatial = tensor.shape[2:]
+    index = [slice(None), slice(None)]
+    for have, want in zip(spatial, size, strict=True):
+        start = max(0, (have - want) // 2)
+        index.append(slice(start, start + want))
+    return tensor[tuple(index)]

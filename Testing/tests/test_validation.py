@@ -96,7 +96,9 @@ def test_bootstrap_intervals_contain_the_point_estimate():
         assert entry["ci95"][0] <= entry["value"] <= entry["ci95"][1], metric
     assert bootstrap_interval([np.arange(2.0)], np.mean) is None  # too few cases to resample
     # A held-out split with one positive case: no stratified interval (SciPy refused it before).
-    one_positive = classification_metrics(np.array([0, 0, 1]), np.array([[0.8, 0.2], [0.6, 0.4], [0.3, 0.7]]), ["a", "b"])
+    one_positive = classification_metrics(
+        np.array([0, 0, 1]), np.array([[0.8, 0.2], [0.6, 0.4], [0.3, 0.7]]), ["a", "b"]
+    )
     assert one_positive["classes"]["b"]["auroc"]["value"] == 1.0
     assert one_positive["classes"]["b"]["auroc"]["ci95"] is None
 
