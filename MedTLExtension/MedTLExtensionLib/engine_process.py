@@ -231,7 +231,8 @@ def describe_event(event: dict[str, Any]) -> tuple[int | None, str]:
             text += ", validation Dice " + ", ".join(f"{name} {value:.3f}" for name, value in dice.items())
         return progress, text + remaining_text(event.get("eta_s"))
     if kind == "start":
-        return 0, f"Training on {event.get('device', '?')}..."
+        doing = "Segmenting" if event.get("label") == "predict" else "Training"
+        return 0, f"{doing} on {event.get('device', '?')}..."
     if kind == "phase":
         return None, f"Training: {event.get('name', '')}"
     if kind == "warning":

@@ -246,7 +246,11 @@ class SliceLearner:
             volume.GetName(),
             run_dir,
         )
-        engine = EngineJob(self.engine_factory(["train", str(config_path), "--events", "-"]), "Training")
+        # One process trains and then predicts: a second engine start-up (torch and MONAI imports,
+        # several seconds) would be most of the wait after a short round.
+        outputs = {"labels": inputs / "prediction.nrrd"}
+        args = ["train", str(config_path), "--predict", str(image_path), "--predict-out", str(outputs["labels"])]
+        engine = EngineJob(self.engine_factory([*args, "--events", "-"]), "Training")
         self._job = _Job(
             kind="learn",
             stage="train",
@@ -260,6 +264,7 @@ class SliceLearner:
             output_name=f"{segmentation.GetName()} (MedTL)",
             source=segmentation,
             corrected=corrected,
+            outputs=outputs,
         )
         return run_dir
 
@@ -387,6 +392,8 @@ class SliceLearner:
             self.last_log = job.engine.log
             self._job = None
             raise
+        if job.stage == "train" and any(e.get("event") == "start" and e.get("label") == "predict" for e in events):
+            events.append({"event": "stage", "name": "predict"})
         if not job.engine.finished:
             return events
         self.last_log = job.engine.log
@@ -400,16 +407,16 @@ class SliceLearner:
             shutil.rmtree(job.inputs_dir, ignore_errors=True)  # the images: the scene has them
             return [*events, {"event": "adapted", "package": str(self.last_package)}]
         if job.stage == "train":
-            done = job.engine.done or {}
-            package = Path(done.get("package") or job.run_dir / "model")
+            package = job.run_dir / "model"
             self.last_package = package
             self.rounds += 1
-            try:
-                self._start_predict(job, package)
-            except Exception:
-                self._job = None
-                raise
-            return [*events, {"event": "stage", "name": "predict"}]
+            if not job.outputs["labels"].is_file():  # an engine that trained but did not predict
+                try:
+                    self._start_predict(job, package)
+                except Exception:
+                    self._job = None
+                    raise
+                return [*events, {"event": "stage", "name": "predict"}]
         try:
             node = self._import_results(job)
         finally:

@@ -1,5 +1,5 @@
 """``python -m medtl`` (also ``PythonSlicer -m medtl`` inside Slicer)."""
 
-from medtl.cli import main
+from medtl.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

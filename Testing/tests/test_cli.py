@@ -139,12 +139,20 @@ def test_interrupted_cli_run_resumes(tmp_path, synthetic_dataset, hub_cache):
     config = tmp_path / "run.json"
     config.write_text(json.dumps(cfg))
     medtl("train", str(config), "--quiet")
-    proc = medtl("train", str(config), "--resume", "--events", "-")
+    image = synthetic_dataset.parent / "case1.nii.gz"
+    out = tmp_path / "seg.nrrd"
+    proc = medtl("train", str(config), "--resume", "--events", "-", "--predict", str(image), "--predict-out", str(out))
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     # Every epoch was already done: resume trains nothing more and still writes the package.
     assert not [e for e in events if e["event"] == "epoch"]
     assert any(e["event"] == "message" and "resuming from epoch 2" in e["message"] for e in events)
-    assert events[-1]["event"] == "done"
+    # Then the same process segments the image with the new package.
+    kinds = [(e["event"], e.get("label")) for e in events]
+    assert kinds.index(("done", None)) < kinds.index(("start", "predict")) < len(kinds) - 1
+    assert events[-1]["event"] == "done" and events[-1]["output"] == str(out)
+    assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(image)).GetSize()
+    half = medtl("train", str(config), "--predict", str(image), check=False)
+    assert half.returncode == 2 and "--predict IMAGE and --predict-out SEG go together" in half.stderr
 
 
 def test_a_package_is_a_starting_point_for_the_next_run(trained_run, tmp_path):

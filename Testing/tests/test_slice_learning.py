@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("slicer", reason="the Slicer-side tests need slicer-core")
 
 from MedTLExtensionLib import mrml_bridge  # noqa: E402
+from MedTLExtensionLib.engine_process import start_engine  # noqa: E402
 from MedTLExtensionLib.headless_scene import create_headless_scene  # noqa: E402
 from MedTLExtensionLib.slice_learning import LearningOptions, SliceLearner  # noqa: E402
 
@@ -68,7 +69,15 @@ def session(tmp_path_factory, hub_cache):
     user = mrml_bridge.labelmap_to_segmentation(
         headless.scene, headless.segmentations_logic, painted, ijk_to_ras, SEGMENTS, reference_volume=volume
     )
-    learner = SliceLearner(headless.scene, headless.segmentations_logic, work_root=tmp_path_factory.mktemp("runs"))
+    launched = []
+
+    def engine(args):
+        launched.append(args[0])
+        return start_engine(args)
+
+    learner = SliceLearner(
+        headless.scene, headless.segmentations_logic, work_root=tmp_path_factory.mktemp("runs"), engine_factory=engine
+    )
     before = headless.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
     learner.start_learning(volume, user, OPTIONS)
     stages = [e["event"] for e in drain(learner)]
@@ -83,6 +92,7 @@ def session(tmp_path_factory, hub_cache):
         "prediction": prediction,
         "stages": stages,
         "segmentations_before": before,
+        "launched": list(launched),
     }
 
 
@@ -97,6 +107,8 @@ def test_learning_from_painted_slices_segments_the_unpainted_ones(session):
     assert prediction is not None and prediction is not session["user"]
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == session["segmentations_before"] + 1
     assert "stage" in session["stages"] and session["stages"][-1] == "finished"
+    # One engine process trains and predicts: a second start-up would be most of a short round's wait.
+    assert session["launched"] == ["train"]
     assert "epoch" in session["stages"]
 
     labels, segments = labels_of(session, prediction)
