@@ -49,6 +49,10 @@ class DataConfig:
             the others are unknown, not background.
         group_column: a CSV column (``site``, ``patient`` ...) whose values never sit on both
             sides of the validation split; empty to split case by case.
+        cache_dir: a folder for preprocessed arrays, keyed by the files' content and the
+            preprocessing: later runs on the same cases (cross-validation folds, resumed runs, a
+            new round) skip reading and resampling them, and 3D volumes are memory-mapped, so
+            data sets larger than memory train too. Empty: preprocess in memory every run.
     """
 
     csv: str = ""
@@ -57,6 +61,7 @@ class DataConfig:
     labelled_slices: bool = True
     group_column: str = ""
     multi_label: bool = False
+    cache_dir: str = ""
 
 
 @dataclass

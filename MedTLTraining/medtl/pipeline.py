@@ -7,6 +7,7 @@ A run directory holds ``config.json``, ``checkpoint.pt`` (resumable), ``events.j
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -26,22 +27,48 @@ from medtl.package import preprocess, save_package, working_image
 from medtl.train import dice_per_class, fit, resolve_device
 
 
-def load_case_arrays(case: Case, cfg: RunConfig) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
-    """The image, its preprocessed array and its label array; errors name the CSV row."""
-    image = read_image(case.image)
-    label_image = read_image(case.label)
-    if image.GetSize() != label_image.GetSize():
+def load_case_arrays(case: Case, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The preprocessed image array and its label array (the smallest integer type that holds the
+    labels); errors name the CSV row. With ``data.cache_dir`` both come from the cache when the
+    files and the preprocessing are unchanged."""
+
+    def make() -> dict[str, np.ndarray]:
+        image = read_image(case.image)
+        label_image = read_image(case.label)
+        if image.GetSize() != label_image.GetSize():
+            raise DataError(
+                f"row {case.row}: image {case.image.name} is {image.GetSize()} but label {case.label.name} "
+                f"is {label_image.GetSize()}"
+            )
+        labels = sitk.GetArrayFromImage(working_image(label_image, cfg, labels=True))
+        return {"image": preprocess(image, cfg), "label": compact_labels(labels)}
+
+    arrays = _cached(cfg, [case.image, case.label], "segmentation", make)
+    labels = arrays["label"]
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= cfg.num_classes:
         raise DataError(
-            f"row {case.row}: image {case.image.name} is {image.GetSize()} but label {case.label.name} "
-            f"is {label_image.GetSize()}"
-        )
-    labels = sitk.GetArrayFromImage(working_image(label_image, cfg, labels=True)).astype(np.int64)
-    if labels.min() < 0 or labels.max() >= cfg.num_classes:
-        raise DataError(
-            f"row {case.row}: label {case.label.name} has values {labels.min()}..{labels.max()}, "
+            f"row {case.row}: label {case.label.name} has values {low}..{high}, "
             f"but data.label_names defines 0..{cfg.num_classes - 1}"
         )
-    return image, preprocess(image, cfg), labels
+    return arrays["image"], labels
+
+
+def compact_labels(labels: np.ndarray) -> np.ndarray:
+    """Class indices as uint8 (int16 beyond 255 classes): an eighth of int64's memory; the losses
+    take any integer type."""
+    labels = np.asarray(labels)
+    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    return labels.astype(np.uint8 if 0 <= low and high < 256 else np.int16, copy=False)
+
+
+def _cached(cfg: RunConfig, files: list, kind: str, make) -> dict[str, np.ndarray]:
+    if not cfg.data.cache_dir:
+        return make()
+    from medtl.data.cache import PreprocessedCache, cache_key
+
+    what = {"kind": kind, "preprocessing": dataclasses.asdict(cfg.preprocessing), "dims": cfg.spatial_dims}
+    return PreprocessedCache(cfg.data.cache_dir).arrays(cache_key(files, what), make)
 
 
 def class_target(case: Case, cfg: RunConfig) -> np.ndarray:
@@ -66,7 +93,11 @@ def class_target(case: Case, cfg: RunConfig) -> np.ndarray:
 
 def classification_image(case: Case, cfg: RunConfig) -> np.ndarray:
     """The preprocessed image of a classification row: (1, y, x) or (1, z, y, x)."""
-    return preprocess(read_image(case.image), cfg, ndim=cfg.spatial_dims)[None]
+
+    def make() -> dict[str, np.ndarray]:
+        return {"image": preprocess(read_image(case.image), cfg, ndim=cfg.spatial_dims)}
+
+    return _cached(cfg, [case.image], "classification", make)["image"][None]
 
 
 def training_items(cases: list[Case], cfg: RunConfig, domain_of: Callable[[Case], int] | None = None) -> list[dict]:
@@ -76,7 +107,7 @@ def training_items(cases: list[Case], cfg: RunConfig, domain_of: Callable[[Case]
         if cfg.is_classification:
             new = [{"image": classification_image(case, cfg), "label": class_target(case, cfg)}]
         else:
-            _, volume, labels = load_case_arrays(case, cfg)
+            volume, labels = load_case_arrays(case, cfg)
             if cfg.spatial_dims == 2:
                 slices = None if cfg.data.labelled_slices else range(volume.shape[0])
                 new = slice_items(volume, labels, slices=slices, context=cfg.preprocessing.context_slices)
@@ -102,7 +133,7 @@ def unlabelled_items(cases: list[Case], cfg: RunConfig) -> list[dict]:
             items.append({"image": image, "label": np.zeros(len(cfg.data.label_names) if cfg.data.multi_label else 1)})
             continue
         volume = preprocess(read_image(case.image), cfg)
-        blank = np.zeros(volume.shape, np.int64)
+        blank = np.zeros(volume.shape, np.uint8)
         if cfg.spatial_dims == 2:
             items += slice_items(volume, blank, slices=range(volume.shape[0]), context=cfg.preprocessing.context_slices)
         else:
@@ -159,7 +190,7 @@ def validation_scorer(
 
     if cfg.is_classification:
         return classification_scorer(val_cases, cfg, device, domain_of)
-    loaded = [(case, *load_case_arrays(case, cfg)[1:]) for case in val_cases]
+    loaded = [(case, *load_case_arrays(case, cfg)) for case in val_cases]
     classes = list(range(1, cfg.num_classes))
     last: list[dict] = []
 

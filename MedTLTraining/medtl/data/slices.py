@@ -37,15 +37,15 @@ def slice_items(
     case: str = "",
     context: int = 0,
 ) -> list[dict]:
-    """Training dicts (``image`` (1 + 2·context, y, x) float32, ``label`` (1, y, x) int64) for
-    chosen z slices."""
+    """Training dicts (``image`` (1 + 2·context, y, x) float32, ``label`` (1, y, x) in the label
+    array's integer type) for chosen z slices."""
     if volume.shape != label.shape:
         raise ValueError(f"image {volume.shape} and label {label.shape} differ in shape")
     chosen = labelled_slices(label) if slices is None else list(slices)
     return [
         {
             "image": slice_stack(volume, z, context),
-            "label": np.ascontiguousarray(label[z][None], dtype=np.int64),
+            "label": np.ascontiguousarray(label[z][None]),
             "slice": z,
             "case": case,
         }
