@@ -175,8 +175,10 @@ class TrainConfig:
     num_workers: int | None = None
     # Under torchrun on GPUs: BatchNorm statistics over the global batch, not each GPU's share.
     sync_batchnorm: bool = True
-    # torch.compile the network for training (PyTorch 2 graph compiler): pays off on long GPU runs,
-    # costs a compilation (tens of seconds) at the start and at every unfreezing step.
+    # torch.compile the network for training (PyTorch 2's graph compiler), for long GPU runs: it
+    # costs a compilation at the start and at every unfreezing step. On this build's CPU it did not
+    # pay (a 3D U-Net: 230 s to compile, then 8 % slower), and it fails on the FlexibleUNets; a
+    # network it cannot run trains uncompiled, with a warning.
     compile: bool = False
 
 

@@ -435,7 +435,12 @@ def fit(
         workers=workers,
     )
     micro_batch = _memory_check(model, cfg, device, world, local_batch, micro_batch, use_amp, events)
-    net = _parallel(model, cfg, world, device, find_unused=bool(n_domains))
+    # torch.compile is tried until one step has run through it; a network it cannot handle trains
+    # uncompiled (with a warning) rather than not at all. (A compiled forward that ran before the
+    # failure may have moved BatchNorm's running statistics once.)
+    compiling = cfg.train.compile
+    compiled_step_ran = False
+    net = _parallel(model, world, device, find_unused=bool(n_domains), compiled=compiling)
     t0 = time.perf_counter()
     steps_done = 0
     images = 0
@@ -455,7 +460,7 @@ def fit(
         if n_stages and unfrozen != current:
             set_trainable_stages(model, unfrozen)
             # DDP registers the parameters that need gradients when it wraps the network.
-            net = _parallel(model, cfg, world, device, find_unused=bool(n_domains))
+            net = _parallel(model, world, device, find_unused=bool(n_domains), compiled=compiling)
             if epoch > start_epoch or unfrozen < n_stages:
                 events.emit("phase", name=_phase_name(unfrozen, n_stages))
             current = unfrozen
@@ -478,10 +483,24 @@ def fit(
                         net, x, y, xt, batch.get("domain"), weight, micro_batch, train_patch
                     )
                     domain_losses += step_domain_losses
+                    compiled_step_ran = compiled_step_ran or compiling
                     break
                 except torch.OutOfMemoryError as err:
                     # Outside this handler the failed step's tensors are free to go.
                     failure = str(err).splitlines()[0]
+                except Exception as err:
+                    if not compiling or compiled_step_ran:
+                        raise
+                    failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                    events.emit(
+                        "warning",
+                        message=f"torch.compile could not run {cfg.model.name} ({failure[:300]}); "
+                        "training it uncompiled",
+                    )
+                    compiling = False
+                    optimizer.zero_grad(set_to_none=True)
+                    net = _parallel(model, world, device, find_unused=bool(n_domains), compiled=False)
+                    continue
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -732,7 +751,7 @@ def _loader(items, transform, batches: Sampler, device: torch.device, workers: i
 
 
 def _parallel(
-    model: TransferNet, cfg: RunConfig, world: distributed.World, device: torch.device, *, find_unused: bool
+    model: TransferNet, world: distributed.World, device: torch.device, *, find_unused: bool, compiled: bool
 ) -> torch.nn.Module:
     """What the training step calls: the network, wrapped in DistributedDataParallel under
     torchrun (gradients averaged across processes during the backward pass) and compiled when
@@ -747,7 +766,7 @@ def _parallel(
             # Domain-specific BatchNorm leaves the other domains' layers without gradients.
             find_unused_parameters=find_unused,
         )
-    if cfg.train.compile:
+    if compiled:
         net = torch.compile(net)
     return net
 

@@ -63,3 +63,28 @@ def test_events_report_progress_and_eta(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert steps[-1]["eta_s"] == 0 and all(r["eta_s"] >= 0 for r in steps)
     assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_a_network_torch_compile_cannot_run_trains_uncompiled(tmp_path, monkeypatch):
+    cfg = _cfg("full_finetune", epochs=1)
+    reference = fit(cfg, _items(), run_dir=tmp_path / "eager")
+
+    class Broken(torch.nn.Module):
+        """What torch.compile gives back for a network its backend mis-compiles."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            raise AssertionError("expected size 32==32, stride 1==4096 at dim=1")
+
+    monkeypatch.setattr(torch, "compile", Broken)
+    cfg.train.compile = True
+    seen = []
+    result = fit(cfg, _items(), run_dir=tmp_path / "compiled", events=EventSink(listeners=[seen.append]))
+    warnings = [e["message"] for e in seen if e["event"] == "warning"]
+    assert len(warnings) == 1 and "torch.compile could not run" in warnings[0] and "stride 1==4096" in warnings[0]
+    np.testing.assert_allclose([h["loss"] for h in result.history], [h["loss"] for h in reference.history], rtol=1e-5)
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(result.model.state_dict()[key], value, msg=key)
