@@ -27,6 +27,19 @@ if TYPE_CHECKING:
     from medtl.config import RunConfig
 
 
+def memory_format(spatial_dims: int, device: torch.device | str) -> torch.memory_format:
+    """The tensor layout convolutions run fastest in, where measured.
+
+    Channels-last on the CPU, 2D and 3D (this build's benchmark: 2D U-Net training 1.3x and
+    prediction 1.9x as fast, 3D 1.1-1.6x and 1.3x); on CUDA for 2D, where cuDNN's tensor-core
+    kernels expect it. 3D on CUDA stays as it is until a GPU benchmark says otherwise.
+    """
+    kind = torch.device(device).type
+    if kind == "cpu" or (kind == "cuda" and spatial_dims == 2):
+        return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
 @torch.inference_mode()
 def predict_slices(
     model: torch.nn.Module,
@@ -44,8 +57,9 @@ def predict_slices(
     output is cropped back, so any slice size works. With ``context_slices`` each slice goes in with
     its neighbours as channels (2.5D), stacked as in training.
     """
-    model.eval().to(device)
-    probs = []
+    layout = memory_format(2, device)
+    model.eval().to(device, memory_format=layout)
+    probs = None  # (C, z, y, x), filled batch by batch: no list of batches to concatenate at the end
     n, height, width = volume.shape
     pad_h, pad_w = -height % divisor, -width % divisor
     for start in range(0, n, batch_size):
@@ -57,11 +71,13 @@ def predict_slices(
         chunk = torch.from_numpy(array).to(device)
         if pad_h or pad_w:
             chunk = torch.nn.functional.pad(chunk, (0, pad_w, 0, pad_h))
-        logits = model(chunk)[..., :height, :width]
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        logits = model(chunk.contiguous(memory_format=layout))[..., :height, :width]
+        if probs is None:
+            probs = torch.empty((logits.shape[1], n, height, width), dtype=torch.float32)
+        probs[:, start:stop] = torch.softmax(logits.float(), dim=1).movedim(1, 0)
         if events is not None:
             events.emit("step", label="predict", step=min(n, start + batch_size), total_steps=n)
-    return torch.cat(probs).movedim(1, 0).numpy()
+    return probs.numpy()
 
 
 @torch.inference_mode()
@@ -75,10 +91,15 @@ def predict_sliding_window(
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Softmax probabilities (C, z, y, x) of a 3D network by Gaussian-weighted sliding windows."""
-    model.eval().to(device)
+    layout = memory_format(3, device)
+    model.eval().to(device, memory_format=layout)
     x = torch.from_numpy(np.ascontiguousarray(volume[None, None])).to(device)
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        return model(window.contiguous(memory_format=layout))
+
     logits = sliding_window_inference(
-        x, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, predictor=model, overlap=overlap, mode="gaussian"
+        x, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, predictor=predictor, overlap=overlap, mode="gaussian"
     )
     return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
 

@@ -44,6 +44,7 @@ from medtl.data.io import atomic_path
 from medtl.data.presets import training_transform
 from medtl.errors import ConfigError, DataError, MedTLError
 from medtl.events import EventSink
+from medtl.infer import memory_format
 from medtl.memory import available_memory, estimate_training_memory, gib, smaller_patch
 from medtl.models.registry import MODELS, TransferNet, build_model
 from medtl.strategies import param_groups, set_trainable_stages, unfrozen_stages
@@ -263,8 +264,8 @@ def fit(
     model.to(device)
     if world.size > 1 and device.type == "cuda" and cfg.train.sync_batchnorm and not n_domains:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if device.type == "cuda" and cfg.spatial_dims == 2:
-        model.to(memory_format=torch.channels_last)
+    layout = memory_format(cfg.spatial_dims, device)
+    model.to(memory_format=layout)
 
     groups = param_groups(model, cfg.strategy, lr=cfg.optim.lr)
     adversary = None
@@ -382,8 +383,9 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         if train_patch != patch:
             x, y, xt = (_center_crop(t, train_patch) for t in (x, y, xt))
-        if device.type == "cuda" and cfg.spatial_dims == 2:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=layout)
+        if xt is not None:
+            xt = xt.contiguous(memory_format=layout)
         task_total = 0.0
         for start in range(0, x.shape[0], micro_batch):
             xs, ys = x[start : start + micro_batch], y[start : start + micro_batch]

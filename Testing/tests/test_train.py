@@ -88,3 +88,22 @@ def test_a_network_torch_compile_cannot_run_trains_uncompiled(tmp_path, monkeypa
     np.testing.assert_allclose([h["loss"] for h in result.history], [h["loss"] for h in reference.history], rtol=1e-5)
     for key, value in reference.model.state_dict().items():
         torch.testing.assert_close(result.model.state_dict()[key], value, msg=key)
+
+
+def test_dataloader_workers_train_on_the_same_augmented_batches(tmp_path):
+    # Each sample's augmentation is seeded from its place in the epoch, not from whichever
+    # process loads it: workers (and torchrun processes) do not change the run.
+    cfg = _cfg("full_finetune", epochs=2)
+    cfg.augmentation = "strong"
+    inline = fit(cfg, _items(), run_dir=tmp_path / "inline")
+    cfg.train.num_workers = 2
+    seen = []
+    workers = fit(cfg, _items(), run_dir=tmp_path / "workers", events=EventSink(listeners=[seen.append]))
+    assert seen[0]["event"] == "start" and seen[0]["workers"] == 2
+    np.testing.assert_allclose([h["loss"] for h in workers.history], [h["loss"] for h in inline.history], rtol=1e-6)
+    for key, value in inline.model.state_dict().items():
+        torch.testing.assert_close(workers.model.state_dict()[key], value, msg=key)
+    # And the augmentation is not a no-op: another seed gives other batches.
+    cfg.train.seed = 1
+    other = fit(cfg, _items(), run_dir=tmp_path / "other")
+    assert other.history[0]["loss"] != inline.history[0]["loss"]
