@@ -252,6 +252,11 @@ def _run_config(args: argparse.Namespace):
 
 
 def _dispatch(args: argparse.Namespace, make_sink) -> int:
+    from medtl.distributed import launched_by_torchrun
+
+    if launched_by_torchrun() and args.command != "train":
+        # N copies of any other command would each do the whole job and write the same files.
+        raise ConfigError(f"only 'medtl train' runs under torchrun; run 'medtl {args.command}' as one process")
     if args.command == "demo":
         from medtl.demo import run_demo
 

@@ -111,3 +111,11 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path):
     proc = _torchrun(tmp_path / "odd.json")
     assert proc.returncode != 0
     assert "'train.batch_size': 3 does not divide among 2 processes" in proc.stderr
+
+
+def test_only_training_runs_under_torchrun(tmp_path, monkeypatch, capsys):
+    from medtl.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["cv", str(tmp_path / "run.json"), "--folds", "2"]) == 2
+    assert "only 'medtl train' runs under torchrun" in capsys.readouterr().err
