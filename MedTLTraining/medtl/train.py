@@ -372,7 +372,8 @@ def fit(
         target_loader = _loader(target_items, transform, target_samples, device, workers)
 
     patch = list(cfg.preprocessing.patch_size)
-    micro_batch = int(last.get("micro_batch", local_batch))
+    # A run that had to lower its micro-batch resumes with it (the same GPU would fail the same way).
+    micro_batch = min(local_batch, int(last.get("micro_batch", local_batch)))
     train_patch = list(last.get("train_patch", patch))
 
     def step(net, x, y, xt, ids, weight: float, micro_batch: int, train_patch: list[int]) -> tuple[float, list[float]]:

@@ -324,6 +324,8 @@ def semi_automatic_loop(quick: bool, repeats: int) -> dict:
         "total_s": round(total, 2),
         "stages_s": {name: round(v, 2) for name, v in stages.items()},
         "dice_unpainted": round(float(dice), 3),
+        # The engine ran as this process's child: the largest finished child's peak.
+        "engine_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
     }
 
 
@@ -472,7 +474,8 @@ def _table(results: dict) -> str:
             f"Semi-automatic loop, {loop['volume'][0]}³ volume, {loop['painted_slices']} painted slices, "
             f"{loop['epochs']} epochs × {loop['steps_per_epoch']} steps of batch {loop['batch']}: "
             f"{loop['total_s']} s from *Learn* to the prediction in the scene (Dice {loop['dice_unpainted']} on "
-            f"the unpainted slices; the module's process, peak RSS {loop['peak_rss_mb']} MB).",
+            f"the unpainted slices). Peak RSS: the module's process {loop['peak_rss_mb']} MB, the engine's "
+            f"{loop['engine_peak_rss_mb']} MB.",
             "",
             "| stage | seconds | share |",
             "|---|---|---|",
