@@ -56,6 +56,9 @@ def _best(fns: dict, repeats: int) -> dict[str, float]:
 
 
 def training(quick: bool, repeats: int) -> dict:
+    """Steady-state throughput of each trainer from two run lengths (the extra images over the
+    extra seconds), and what a run costs besides its steps (the intercept): a 12-step run would
+    otherwise charge MedTL's once-per-run work (memory estimate, checkpoint) to every image."""
     import numpy as np
     import torch
     from medtl.config import RunConfig
@@ -68,24 +71,28 @@ def training(quick: bool, repeats: int) -> dict:
     from monai.losses import DiceCELoss
 
     torch.set_num_threads(os.cpu_count() or 1)
-    size, batch, steps = (64, 4, 6) if quick else (128, 8, 12)
+    size, batch, short, long = (64, 4, 3, 9) if quick else (128, 8, 6, 24)
     rng = np.random.default_rng(0)
     volume = rng.random((24, size, size), dtype=np.float32)
     labels = (volume > 0.6).astype(np.int64)
     items = slice_items(volume, labels, slices=range(24))
-    cfg = RunConfig.from_dict(
-        {
-            "model": {"name": "unet_mobilenet_v2", "pretrained": "none"},
-            "preprocessing": {"patch_size": [size, size]},
-            "strategy": {"name": "full_finetune", "encoder_lr_factor": 1.0},
-            "train": {"epochs": 1, "steps_per_epoch": steps, "batch_size": batch, "device": "cpu", "amp": False},
-            "augmentation": "none",
-            "optim": {"warmup_steps": 0},
-        }
-    )
+
+    def config(steps: int) -> RunConfig:
+        return RunConfig.from_dict(
+            {
+                "model": {"name": "unet_mobilenet_v2", "pretrained": "none"},
+                "preprocessing": {"patch_size": [size, size]},
+                "strategy": {"name": "full_finetune", "encoder_lr_factor": 1.0},
+                "train": {"epochs": 1, "steps_per_epoch": steps, "batch_size": batch, "device": "cpu", "amp": False},
+                "augmentation": "none",
+                "optim": {"warmup_steps": 0},
+            }
+        )
+
     # The same samples as ready-made batches for the bare loop and MONAI's trainer, in the tensor
     # layout medtl trains in (channels-last on the CPU): the ratios are then MedTL's overhead, and
-    # the layout's own gain is measured in the data_path section.
+    # the layout's own gain is measured in the data_path section. MedTL loads its batches through
+    # its data pipeline (crop, collation) inside the measurement; the references do not.
     layout = memory_format(2, "cpu")
     batches = [
         (
@@ -94,46 +101,61 @@ def training(quick: bool, repeats: int) -> dict:
             ),
             torch.from_numpy(np.stack([items[(s * batch + i) % len(items)]["label"] for i in range(batch)])),
         )
-        for s in range(steps)
+        for s in range(long)
     ]
 
     def network():
         torch.manual_seed(0)
         return build_model("unet_mobilenet_v2", num_classes=2).train().to(memory_format=layout)
 
-    def bare():
-        model = network()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        for x, y in batches:
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            opt.step()
+    def bare(steps: int):
+        def run():
+            model = network()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+            for x, y in batches[:steps]:
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x), y).backward()
+                opt.step()
+
+        return run
 
     run_dir = Path(tempfile.mkdtemp(prefix="medtl-bench-fit-"))
 
-    def medtl():
+    def medtl(steps: int):
+        cfg = config(steps)
+
         # A new run directory each time: fit would otherwise resume nothing but read its checkpoint.
-        fit(cfg, items, run_dir=run_dir / str(time.perf_counter_ns()), events=EventSink(), model=network())
+        def run():
+            fit(cfg, items, run_dir=run_dir / str(time.perf_counter_ns()), events=EventSink(), model=network())
 
-    def monai_trainer():
-        model = network()
-        data = [{"image": x, "label": y} for x, y in batches]
-        trainer = SupervisedTrainer(
-            device=torch.device("cpu"),
-            max_epochs=1,
-            train_data_loader=torch.utils.data.DataLoader(data, batch_size=None),
-            network=model,
-            optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-            loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
-        )
-        trainer.run()
+        return run
 
-    images = steps * batch
-    out = {"network": "unet_mobilenet_v2", "patch": [size, size], "batch": batch, "steps": steps}
-    best = _best({"bare_loop": bare, "medtl_fit": medtl, "monai_supervised_trainer": monai_trainer}, repeats)
-    for name, seconds in best.items():
-        out[name] = {"seconds": round(seconds, 3), "images_per_s": round(images / seconds, 2)}
+    def monai_trainer(steps: int):
+        def run():
+            model = network()
+            data = [{"image": x, "label": y} for x, y in batches[:steps]]
+            trainer = SupervisedTrainer(
+                device=torch.device("cpu"),
+                max_epochs=1,
+                train_data_loader=torch.utils.data.DataLoader(data, batch_size=None),
+                network=model,
+                optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+            )
+            trainer.run()
+
+        return run
+
+    trainers = {"bare_loop": bare, "medtl_fit": medtl, "monai_supervised_trainer": monai_trainer}
+    best = _best({f"{name}@{n}": make(n) for name, make in trainers.items() for n in (short, long)}, repeats)
+    out = {"network": "unet_mobilenet_v2", "patch": [size, size], "batch": batch, "steps": [short, long]}
+    for name in trainers:
+        per_step = (best[f"{name}@{long}"] - best[f"{name}@{short}"]) / (long - short)
+        out[name] = {
+            "images_per_s": round(batch / per_step, 2),
+            "seconds_besides_steps": round(best[f"{name}@{short}"] - short * per_step, 2),
+        }
     out["medtl_vs_bare"] = round(out["medtl_fit"]["images_per_s"] / out["bare_loop"]["images_per_s"], 3)
     out["medtl_vs_monai"] = round(out["medtl_fit"]["images_per_s"] / out["monai_supervised_trainer"]["images_per_s"], 3)
     return out
@@ -376,11 +398,11 @@ def data_path(quick: bool, repeats: int) -> dict:
     out |= {name: round(seconds, 3) for name, seconds in best.items()}
     out["cache_speed_up"] = round(best["preprocess_every_run"] / best["cache_hit"], 1)
 
-    size, batch, steps = (64, 4, 4) if quick else (128, 8, 8)
+    size, batch = (64, 4) if quick else (128, 8)
     volume = rng.random((24, size, size), dtype=np.float32)
     items = slice_items(volume, (volume > 0.6).astype(np.uint8), slices=range(24))
 
-    def training(workers: int):
+    def training(workers: int, steps: int):
         cfg = RunConfig.from_dict(
             {
                 "model": {"name": "unet_mobilenet_v2", "pretrained": "none"},
@@ -395,9 +417,41 @@ def data_path(quick: bool, repeats: int) -> dict:
         root = Path(tempfile.mkdtemp(prefix="medtl-bench-workers-"))
         return lambda: fit(cfg, items, run_dir=root / str(time.perf_counter_ns()), events=EventSink())
 
-    best = _best({"workers_0": training(0), "workers_2": training(2)}, repeats)
-    out["training_standard_augmentation"] = {name: round(steps * batch / s, 2) for name, s in best.items()}
-    out["workers_2_vs_0"] = round(best["workers_0"] / best["workers_2"], 3)
+    # Two run lengths, as in training(): steady-state images per second apart from the workers' start.
+    short, long = (2, 6) if quick else (4, 16)
+    best = _best({f"workers_{w}@{n}": training(w, n) for w in (0, 2) for n in (short, long)}, repeats)
+    out["training_standard_augmentation"] = {}
+    for w in (0, 2):
+        per_step = (best[f"workers_{w}@{long}"] - best[f"workers_{w}@{short}"]) / (long - short)
+        out["training_standard_augmentation"][f"workers_{w}"] = round(batch / per_step, 2)
+        out["training_standard_augmentation"][f"workers_{w}_seconds_besides_steps"] = round(
+            best[f"workers_{w}@{short}"] - short * per_step, 2
+        )
+    rates = out["training_standard_augmentation"]
+    out["workers_2_vs_0"] = round(rates["workers_2"] / rates["workers_0"], 3)
+
+    # MONAI's metadata (MetaTensor) on the training transforms, which medtl.train switches off.
+    from medtl.data.presets import training_transform
+    from monai.data import set_track_meta
+    from monai.transforms import apply_transform
+
+    augment = training_transform(patch_size=[size, size], level="standard", spatial_dims=2)
+
+    def transforms(metadata: bool):
+        def run():
+            set_track_meta(metadata)
+            try:
+                for index in range(4 * len(items)):
+                    augment.set_random_state(seed=index)
+                    apply_transform(augment, dict(items[index % len(items)]))
+            finally:
+                set_track_meta(True)
+
+        return run
+
+    best = _best({"with_metadata": transforms(True), "without_metadata": transforms(False)}, repeats)
+    out["augmentation_ms_per_sample"] = {name: round(1e3 * s / (4 * len(items)), 2) for name, s in best.items()}
+    out["augmentation_without_metadata_speed_up"] = round(best["with_metadata"] / best["without_metadata"], 2)
 
     torch.manual_seed(0)
     net = build_model("unet_mobilenet_v2", num_classes=2).train()
@@ -444,6 +498,10 @@ SECTIONS = {
 
 
 def _section(name: str, quick: bool, repeats: int) -> dict:
+    # A spawned process starts its own children by spawning too, and DataLoader workers started
+    # that way import torch and MONAI again (12 s a run here): measure with the start method that
+    # `medtl train` gets, this platform's default.
+    multiprocessing.set_start_method(None, force=True)
     result = SECTIONS[name](quick, repeats)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
@@ -454,10 +512,13 @@ def _table(results: dict) -> str:
     rows = [
         "| what | MedTL | reference | ratio | peak RSS |",
         "|---|---|---|---|---|",
-        f"| training {t['network']}, {t['patch'][0]}² patches, batch {t['batch']} | "
+        f"| training {t['network']}, {t['patch'][0]}² patches, batch {t['batch']} (steady state) | "
         f"{t['medtl_fit']['images_per_s']} img/s | bare loop {t['bare_loop']['images_per_s']} img/s; MONAI "
         f"SupervisedTrainer {t['monai_supervised_trainer']['images_per_s']} img/s | {t['medtl_vs_bare']} of bare; "
         f"{t['medtl_vs_monai']} of MONAI | {t['peak_rss_mb']} MB |",
+        f"| the same, seconds per run besides its steps | {t['medtl_fit']['seconds_besides_steps']} s | bare loop "
+        f"{t['bare_loop']['seconds_besides_steps']} s; MONAI {t['monai_supervised_trainer']['seconds_besides_steps']} s"
+        " | | |",
         f"| 2D prediction, {i['slices'][0]} slices of {i['slices'][1]}² | {i['medtl_predict_slices']} s | "
         f"raw forward {i['raw_forward_2d']} s | overhead {i['overhead_2d']:+.1%} | {i['peak_rss_mb']} MB |",
         f"| 3D sliding window, {i['volume_3d'][0]}³, ROI {i['roi'][0]}³ | {i['medtl_predict_sliding_window']} s | "
@@ -490,9 +551,15 @@ def _table(results: dict) -> str:
             f"| preprocessed-data cache, {data['cases']} CTs of {'×'.join(map(str, reversed(data['shape'])))} "
             f"(nii.gz, resampled) | {data['cache_hit']} s | {data['preprocess_every_run']} s | "
             f"{data['cache_speed_up']}× as fast |",
-            f"| 2 DataLoader workers, `standard` augmentation | "
+            f"| 2 DataLoader workers, `standard` augmentation (steady state; the workers' start "
+            f"{data['training_standard_augmentation']['workers_2_seconds_besides_steps']} s per run against "
+            f"{data['training_standard_augmentation']['workers_0_seconds_besides_steps']} s) | "
             f"{data['training_standard_augmentation']['workers_2']} img/s | "
             f"{data['training_standard_augmentation']['workers_0']} img/s | {data['workers_2_vs_0']} |",
+            f"| `standard` augmentation without MONAI's metadata, per sample | "
+            f"{data['augmentation_ms_per_sample']['without_metadata']} ms | "
+            f"{data['augmentation_ms_per_sample']['with_metadata']} ms | "
+            f"{data['augmentation_without_metadata_speed_up']}× as fast |",
             f"| channels-last, training step | | | {data['training_step_channels_last_speed_up']}× as fast |",
             f"| channels-last, 2D prediction | | | {data['prediction_channels_last_speed_up']}× as fast |",
         ]

@@ -107,3 +107,21 @@ def test_dataloader_workers_train_on_the_same_augmented_batches(tmp_path):
     cfg.train.seed = 1
     other = fit(cfg, _items(), run_dir=tmp_path / "other")
     assert other.history[0]["loss"] != inline.history[0]["loss"]
+
+
+def test_training_samples_are_the_pixels_without_monai_metadata():
+    from medtl.data.presets import training_transform
+    from medtl.train import _SeededSamples
+    from monai.data import MetaTensor, get_track_meta
+    from monai.transforms import apply_transform
+
+    items = _items(2)
+    transform = training_transform(patch_size=[32, 32], level="strong", spatial_dims=2)
+    sample = _SeededSamples(items, transform)[(1, 1234)]
+    transform.set_random_state(seed=1234)
+    with_metadata = apply_transform(transform, dict(items[1]))
+    assert isinstance(with_metadata["image"], MetaTensor)  # what MONAI gives when tracking
+    assert type(sample["image"]) is torch.Tensor and type(sample["label"]) is torch.Tensor
+    torch.testing.assert_close(sample["image"], with_metadata["image"].as_tensor())
+    torch.testing.assert_close(sample["label"], with_metadata["label"].as_tensor())
+    assert get_track_meta()  # switched off for the training transforms only
