@@ -55,6 +55,13 @@ def _best(fns: dict, repeats: int) -> dict[str, float]:
     return {name: min(values) for name, values in times.items()}
 
 
+def _steady_state(short_s: float, long_s: float, short: int, long: int, batch: int) -> dict:
+    """Images per second from two run lengths (the extra images over the extra seconds), and
+    the seconds a run costs besides its steps (the intercept)."""
+    per_step = (long_s - short_s) / (long - short)
+    return {"images_per_s": round(batch / per_step, 2), "seconds_besides_steps": round(short_s - short * per_step, 2)}
+
+
 def training(quick: bool, repeats: int) -> dict:
     """Steady-state throughput of each trainer from two run lengths (the extra images over the
     extra seconds), and what a run costs besides its steps (the intercept): a 12-step run would
@@ -155,11 +162,7 @@ def training(quick: bool, repeats: int) -> dict:
     best = _best(runs, repeats + 2)
     out = {"network": "unet_mobilenet_v2", "patch": [size, size], "batch": batch, "steps": [short, long]}
     for name in trainers:
-        per_step = (best[f"{name}@{long}"] - best[f"{name}@{short}"]) / (long - short)
-        out[name] = {
-            "images_per_s": round(batch / per_step, 2),
-            "seconds_besides_steps": round(best[f"{name}@{short}"] - short * per_step, 2),
-        }
+        out[name] = _steady_state(best[f"{name}@{short}"], best[f"{name}@{long}"], short, long, batch)
     out["medtl_vs_bare"] = round(out["medtl_fit"]["images_per_s"] / out["bare_loop"]["images_per_s"], 3)
     out["medtl_vs_monai"] = round(out["medtl_fit"]["images_per_s"] / out["monai_supervised_trainer"]["images_per_s"], 3)
     return out
@@ -424,14 +427,12 @@ def data_path(quick: bool, repeats: int) -> dict:
     # Two run lengths, as in training(): steady-state images per second apart from the workers' start.
     short, long = (2, 6) if quick else (4, 16)
     best = _best({f"workers_{w}@{n}": training(w, n) for w in (0, 2) for n in (short, long)}, repeats)
-    out["training_standard_augmentation"] = {}
+    rates = {}
     for w in (0, 2):
-        per_step = (best[f"workers_{w}@{long}"] - best[f"workers_{w}@{short}"]) / (long - short)
-        out["training_standard_augmentation"][f"workers_{w}"] = round(batch / per_step, 2)
-        out["training_standard_augmentation"][f"workers_{w}_seconds_besides_steps"] = round(
-            best[f"workers_{w}@{short}"] - short * per_step, 2
-        )
-    rates = out["training_standard_augmentation"]
+        rate = _steady_state(best[f"workers_{w}@{short}"], best[f"workers_{w}@{long}"], short, long, batch)
+        rates[f"workers_{w}"] = rate["images_per_s"]
+        rates[f"workers_{w}_seconds_besides_steps"] = rate["seconds_besides_steps"]
+    out["training_standard_augmentation"] = rates
     out["workers_2_vs_0"] = round(rates["workers_2"] / rates["workers_0"], 3)
 
     # MONAI's metadata (MetaTensor) on the training transforms, which medtl.train switches off.
