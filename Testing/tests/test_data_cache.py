@@ -69,3 +69,9 @@ def test_a_cached_run_reads_no_image_and_trains_the_same_network(tmp_path, synth
     changed, _ = load_case_arrays(case, _cfg(csv, tmp_path / "x", cache))
     assert not np.array_equal(changed, volume)
     assert len([p for p in cache.glob("*/*") if (p / "complete").is_file()]) == 6
+
+    # So is another release of MedTL (its preprocessing may have changed).
+    with monkeypatch.context() as m:
+        m.setattr("medtl.__version__", "99.0")
+        load_case_arrays(case, _cfg(csv, tmp_path / "x", cache))
+    assert len([p for p in cache.glob("*/*") if (p / "complete").is_file()]) == 7

@@ -3,8 +3,9 @@
 Reading, resampling and windowing a CT takes seconds; reading the result back takes a fraction
 of that, and memory-mapped, costs no memory until the training reads it (the operating system
 keeps what fits). Cross-validation folds, resumed runs and the next round of a study then skip
-the preprocessing. A changed file, another preprocessing or another version of this code gives
-another key, so nothing stale is ever read.
+the preprocessing. A changed file, another preprocessing, another release of MedTL or of the
+libraries that preprocess (SimpleITK resamples, MONAI windows) gives another key, so nothing stale
+is read.
 
 Example:
     >>> import tempfile, numpy as np
@@ -32,15 +33,21 @@ from typing import Any
 
 import numpy as np
 
-# Bump when the preprocessing code changes what it produces: older entries are then never read.
+# Bump when the preprocessing code changes what it produces between releases: older entries are
+# then never read.
 CACHE_VERSION = 1
 
 
 def cache_key(files: Sequence[str | Path], what: dict[str, Any]) -> str:
     """A key from the files' sha256 and a JSON-able description of what is made of them."""
+    import monai
+    import SimpleITK as sitk
+
+    import medtl
     from medtl.provenance import path_sha256
 
-    payload = {"version": CACHE_VERSION, "files": [path_sha256(f) for f in files], "what": what}
+    versions = [CACHE_VERSION, medtl.__version__, sitk.Version.VersionString(), monai.__version__]
+    payload = {"version": versions, "files": [path_sha256(f) for f in files], "what": what}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
