@@ -268,6 +268,7 @@ def semi_automatic_loop(quick: bool, repeats: int) -> dict:
     """
     import numpy as np
     from medtl.models.weights import seed_offline_weights
+    from medtl.train import dice_per_class
     from MedTLExtensionLib import mrml_bridge as bridge
     from MedTLExtensionLib.engine_process import start_engine
     from MedTLExtensionLib.headless_scene import create_headless_scene
@@ -339,11 +340,7 @@ def semi_automatic_loop(quick: bool, repeats: int) -> dict:
     stages["other"] = total - sum(stages.values())
     predicted, _ = bridge.segmentation_to_labelmap(h.scene, h.segmentations_logic, learner.result_segmentation, volume)
     others = [s for s in range(n) if s not in painted_slices]
-    dice = (
-        2
-        * np.logical_and(predicted[others] > 0, truth[others] > 0).sum()
-        / ((predicted[others] > 0).sum() + (truth[others] > 0).sum())
-    )
+    dice = dice_per_class(predicted[others] > 0, truth[others], [1])[1]
     return {
         "volume": [n] * 3,
         "painted_slices": len(painted_slices),
