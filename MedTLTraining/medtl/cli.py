@@ -1,7 +1,7 @@
 """The ``medtl`` command.
 
     medtl demo [--out DIR] [--slices K] [--compare-scratch] [--device auto|cpu|cuda]
-    medtl train CONFIG [--resume] [--predict IMG --predict-out SEG]
+    medtl train CONFIG [--resume] [--predict IMG --predict-out SEG [--predict-uncertainty UNC]]
     torchrun --nproc_per_node N -m medtl train CONFIG [--resume]   (data-parallel, see medtl.distributed)
     medtl predict --model PKG --image IMG --out SEG [--probabilities PROB] [--uncertainty UNC] [--domain D]
     medtl adapt --model PKG (--data CSV | --image IMG ...) --out PKG2 [--domain D]
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="then segment IMAGE with the new package, in the same process (saves a second start-up)",
     )
     p.add_argument("--predict-out", metavar="SEG", help="where --predict writes the segmentation")
+    p.add_argument(
+        "--predict-uncertainty", metavar="UNC", help="where --predict writes the per-voxel uncertainty (entropy, 0..1)"
+    )
     _add_common(p)
 
     p = sub.add_parser("predict", help="segment (or classify) an image with a model package")
@@ -291,7 +294,7 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
                 image=args.predict,
                 out=args.predict_out,
                 probabilities=None,
-                uncertainty=None,
+                uncertainty=args.predict_uncertainty,
                 uncertainty_kind="entropy",
                 domain=None,
                 gradcam=None,

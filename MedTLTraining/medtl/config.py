@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medtl.data.partial_labels import MAX_CLASSES, UNKNOWN
 from medtl.errors import ConfigError
 
 Task = Literal["segmentation_2d", "segmentation_3d", "classification_2d", "classification_3d"]
@@ -31,6 +32,8 @@ Loss = Literal["dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal", "b
 SEGMENTATION_LOSSES = ("dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal")
 CLASSIFICATION_LOSSES = ("ce", "ce_weighted", "focal", "bce")
 Device = Literal["auto", "cpu", "cuda"]
+SlicePlane = Literal["axial", "coronal", "sagittal"]
+Orientation = Literal["canonical", "as_stored"]
 AdaptationMethod = Literal["none", "adabn", "dsbn", "dann"]
 
 
@@ -44,9 +47,15 @@ class DataConfig:
         label_names: segmentation: names of label values 1..N (0 is background); classification:
             the class names, which the CSV's ``label`` column holds (several joined by ``|`` when
             ``multi_label``).
-        val_fraction: share of the cases (3D) or labelled slices (2D) held out for validation.
-        labelled_slices: for 2D tasks, train only on slices holding labels (painted slices);
-            the others are unknown, not background.
+        val_fraction: share of the cases held out for validation (whole cases, 2D and 3D alike).
+        labelled_slices: for label files that cannot say "unknown": a slice (along
+            ``preprocessing.slice_axis``) without any nonzero label counts as unknown, not as
+            background. Off (the default), only voxels holding the reserved value 255 are unknown
+            (:mod:`medtl.data.partial_labels`), and every other voxel trains, organ-free slices
+            included.
+        resample_labels: a label whose grid (spacing, origin, direction) differs from its image's
+            is resampled onto the image (nearest neighbour; unknown outside the label's extent)
+            instead of being an error.
         group_column: a CSV column (``site``, ``patient`` ...) whose values never sit on both
             sides of the validation split; empty to split case by case.
         cache_dir: a folder for preprocessed arrays, keyed by the files' content and the
@@ -58,7 +67,8 @@ class DataConfig:
     csv: str = ""
     label_names: list[str] = field(default_factory=lambda: ["foreground"])
     val_fraction: float = 0.0
-    labelled_slices: bool = True
+    labelled_slices: bool = False
+    resample_labels: bool = False
     group_column: str = ""
     multi_label: bool = False
     cache_dir: str = ""
@@ -75,8 +85,13 @@ class PreprocessConfig:
         equalize: histogram equalisation after the preset (MRI, X-ray with poor contrast).
         spacing: resample to this (z, y, x) spacing in mm before anything else; predictions are
             resampled back to the input's grid. 2D tasks keep each image's z spacing (in-plane only).
-        context_slices: 2.5D: 1 feeds each axial slice with its two neighbours as the three input
+        context_slices: 2.5D: 1 feeds each slice with its two neighbours as the three input
             channels of a 2D ImageNet encoder; 0 is plain 2D.
+        orientation: ``canonical`` reorients every image (axes permuted and flipped, never
+            resampled; :mod:`medtl.data.geometry`) so that array axes are always axial, coronal,
+            sagittal; ``as_stored`` keeps each file's axis order (packages from MedTL before 0.2).
+        slice_axis: 2D tasks: the plane of the slices the network trains on and predicts
+            (the plane the user painted in); spacing is kept across it.
     """
 
     preset: Preset = "ct_abdomen"
@@ -85,6 +100,8 @@ class PreprocessConfig:
     equalize: bool = False
     spacing: list[float] | None = None
     context_slices: int = 0
+    orientation: Orientation = "canonical"
+    slice_axis: SlicePlane = "axial"
 
 
 @dataclass
@@ -158,7 +175,11 @@ class TrainConfig:
 
     ``early_stopping_patience`` stops after that many epochs without a better validation score
     (0: never); ``keep_best`` puts the best-scoring epoch's weights, not the last, into the package.
-    Both need a validation split. ``batch_size`` is the global batch: under ``torchrun`` each of N
+    Both need a validation split. ``class_ratios`` (segmentation): the relative chance of a
+    training patch being centred on a voxel of each label value 0..N, background first (MONAI's
+    ``RandCropByLabelClassesd``; unknown voxels are never a centre); null: one third of the
+    patches on the structures, shared equally (nnU-Net's forced foreground), two thirds on
+    background. ``batch_size`` is the global batch: under ``torchrun`` each of N
     processes trains on ``batch_size / N`` samples of every step.
     """
 
@@ -170,6 +191,7 @@ class TrainConfig:
     amp: bool = True
     early_stopping_patience: int = 0
     keep_best: bool = True
+    class_ratios: list[float] | None = None
     # DataLoader worker processes for augmentation; null: 0 on the CPU (the workers would take the
     # cores the network computes on), up to 4 per GPU process on CUDA.
     num_workers: int | None = None
@@ -282,6 +304,20 @@ class RunConfig:
             raise bad("preprocessing.window", "must be [low, high] with low < high")
         if not self.data.label_names:
             raise bad("data.label_names", "needs at least one label name")
+        if not self.is_classification and len(self.data.label_names) > MAX_CLASSES:
+            raise bad(
+                "data.label_names",
+                f"at most {MAX_CLASSES} structures: label value {UNKNOWN} is reserved for unknown voxels",
+            )
+        ratios = self.train.class_ratios
+        if ratios is not None and (
+            self.is_classification or len(ratios) != self.num_classes or min(ratios) < 0 or sum(ratios) <= 0
+        ):
+            raise bad(
+                "train.class_ratios",
+                f"needs {self.num_classes} non-negative numbers (background, then each label), not all zero, "
+                "for a segmentation task",
+            )
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise bad("data.val_fraction", "must be in [0, 1)")
         for name, value in (

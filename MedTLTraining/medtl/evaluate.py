@@ -36,6 +36,34 @@ def _one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(tensor, num_classes).movedim(-1, 0)[None].float()
 
 
+def dice_per_class(
+    pred: np.ndarray, truth: np.ndarray, classes: Sequence[int], *, known: np.ndarray | None = None
+) -> dict[int, float]:
+    """Dice per class, as every part of MedTL scores it (training-time validation, keep-best,
+    early stopping, plateau unfreezing, ``medtl evaluate``): MONAI's metric over the annotated
+    voxels only (``known``, and never where ``truth`` is unknown, 255); a structure absent from
+    the truth scores 0 when anything was predicted and 1 when nothing was (a false positive on an
+    organ-free case counts against the model)."""
+    from monai.metrics import compute_dice
+
+    from medtl.data.partial_labels import UNKNOWN
+
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    mask = truth != UNKNOWN
+    if known is not None:
+        mask &= np.asarray(known, bool)
+    if not mask.all():
+        pred, truth = pred[mask], truth[mask]
+    if truth.size == 0:
+        return {int(c): math.nan for c in classes}
+    n = max(int(max(classes)), int(pred.max(initial=0)), int(truth.max(initial=0))) + 1
+    p, t = _one_hot(pred.reshape(1, -1), n), _one_hot(truth.reshape(1, -1), n)
+    scores = compute_dice(p, t, include_background=True, ignore_empty=False)[0]
+    return {int(c): float(scores[c]) for c in classes}
+
+
 def segmentation_case_metrics(
     pred: np.ndarray,
     truth: np.ndarray,
@@ -49,12 +77,20 @@ def segmentation_case_metrics(
 
     ``pred`` and ``truth`` are label arrays on the same grid, (z, y, x) with ``spacing`` in the
     same order. Distances are NaN where either side is empty (no surface to measure); Dice is 1
-    where both are empty (nothing to find, nothing found).
+    where both are empty (nothing to find, nothing found). A truth with unknown voxels (255: sparse
+    labels) is scored by Dice over its annotated voxels alone; its distances and volumes are NaN.
     """
-    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    from medtl.data.partial_labels import UNKNOWN
 
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    dice = dice_per_class(pred, truth, classes)
+    if (truth == UNKNOWN).any():
+        # Sparse labels: Dice over the annotated voxels says something; a surface or a volume of
+        # half-painted structures does not.
+        return {int(c): {"dice": dice[int(c)], **dict.fromkeys(_SHAPE_METRICS, math.nan)} for c in classes}
     num_classes = int(max(classes, default=0)) + 1
     num_classes = max(num_classes, int(pred.max(initial=0)) + 1, int(truth.max(initial=0)) + 1)
     p, t = _one_hot(pred, num_classes), _one_hot(truth, num_classes)
@@ -65,7 +101,6 @@ def segmentation_case_metrics(
         # an argument its own surface code still passes.
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        dice = compute_dice(p, t, include_background=True, ignore_empty=False)[0]
         hd95 = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=spacing)[0]
         nsd = compute_surface_dice(
             p, t, class_thresholds=[tolerance_mm] * num_classes, include_background=True, spacing=spacing
@@ -75,7 +110,7 @@ def segmentation_case_metrics(
         vp, vt = float((pred == c).sum()) * voxel_ml, float((truth == c).sum()) * voxel_ml
         either_empty = vp == 0 or vt == 0
         out[int(c)] = {
-            "dice": float(dice[c]),
+            "dice": dice[int(c)],
             "hd95_mm": math.nan if either_empty else float(hd95[c]),
             "surface_dice": math.nan if either_empty else float(nsd[c]),
             "volume_ml": round(vp, 6),
@@ -86,11 +121,24 @@ def segmentation_case_metrics(
     return out
 
 
+_SHAPE_METRICS = (
+    "hd95_mm",
+    "surface_dice",
+    "volume_ml",
+    "truth_volume_ml",
+    "volume_error_ml",
+    "relative_volume_error",
+)
+
+
 def voxel_confusion(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
-    """(truth, prediction) voxel counts, rows the truth's label values."""
+    """(truth, prediction) voxel counts over the annotated voxels, rows the truth's label values."""
     from sklearn.metrics import confusion_matrix
 
-    return confusion_matrix(truth.ravel(), pred.ravel(), labels=list(range(num_classes)))
+    from medtl.data.partial_labels import UNKNOWN
+
+    known = truth != UNKNOWN
+    return confusion_matrix(truth[known], pred[known], labels=list(range(num_classes)))
 
 
 def bootstrap_interval(
@@ -436,7 +484,9 @@ def evaluate_cases(
     so the metrics are those a user of the package would see. ``domain_column`` names each case's
     domain for a package with one BatchNorm per domain.
     """
+    from medtl.data.geometry import label_on_image_grid
     from medtl.data.io import read_image
+    from medtl.data.partial_labels import UNKNOWN
     from medtl.errors import DataError
     from medtl.package import classify_image, segment_image
     from medtl.pipeline import class_target
@@ -464,17 +514,26 @@ def evaluate_cases(
         else:
             if case.label is None:
                 raise DataError(f"row {case.row}: no label file to evaluate against")
-            truth_image = read_image(case.label)
-            if truth_image.GetSize() != image.GetSize():
-                raise DataError(f"row {case.row}: label is {truth_image.GetSize()} but the image is {image.GetSize()}")
+            truth_image = label_on_image_grid(
+                image,
+                read_image(case.label),
+                where=f"row {case.row}",
+                resample=cfg.data.resample_labels,
+                unknown=UNKNOWN,
+            )
             labels, _ = segment_image(package, image, device=device, domain=domain)
             pred = sitk.GetArrayFromImage(labels)
             truth = sitk.GetArrayFromImage(truth_image).astype(np.int64)
-            if truth.min() < 0 or truth.max() >= cfg.num_classes:
+            known = truth != UNKNOWN
+            if not known.any():
+                raise DataError(f"row {case.row}: every label voxel is unknown ({UNKNOWN}): nothing to score")
+            low, high = int(truth[known].min()), int(truth[known].max())
+            if low < 0 or high >= cfg.num_classes:
                 raise DataError(
-                    f"row {case.row}: label values {truth.min()}..{truth.max()}, but the model knows "
-                    f"0..{cfg.num_classes - 1}"
+                    f"row {case.row}: label values {low}..{high}, but the model knows 0..{cfg.num_classes - 1} "
+                    f"(and {UNKNOWN} for unknown voxels)"
                 )
+            record["annotated_fraction"] = round(float(known.mean()), 6)
             spacing = tuple(reversed(image.GetSpacing()))
             per_class = segmentation_case_metrics(
                 pred, truth, spacing=spacing, classes=range(1, cfg.num_classes), tolerance_mm=tolerance_mm
@@ -509,9 +568,12 @@ def summarise(
         ]
         return {"task": "classification", "cases": len(records), "metrics": metrics, "fairness": fairness}
     confusion = np.sum([np.array(r["confusion"]) for r in records], axis=0)
+    sparse = [r["row"] for r in records if r.get("annotated_fraction", 1.0) < 1.0]
     return {
         "task": "segmentation",
         "cases": len(records),
+        # Sparse labels are scored on their annotated voxels only; the report says so.
+        "sparse_label_rows": sparse,
         "metrics": summarise_segmentation(records, names, n_resamples=n_resamples),
         "voxel_confusion": {"labels": ["background", *names], "counts": confusion.tolist()},
         "fairness": [

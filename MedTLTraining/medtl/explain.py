@@ -24,7 +24,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from medtl.data.io import array_like, resample_like
+from medtl.data.geometry import SLICE_AXES
 from medtl.errors import DataError
 
 
@@ -145,6 +145,9 @@ def gradcam_array(
         elif cfg.spatial_dims == 2:
             scorer = SegmentationClassScores(net)
             divisor = getattr(net.spec, "divisor", 32)
+            # Slices of the plane the network was trained on, moved back at the end.
+            axis = SLICE_AXES[cfg.preprocessing.slice_axis]
+            volume = np.moveaxis(volume, axis, 0)
             n, height, width = volume.shape
             pad_h, pad_w = -height % divisor, -width % divisor
             maps, cam = [], None
@@ -161,7 +164,7 @@ def gradcam_array(
                 maps.append(cam(x, class_idx=class_index)[:, 0, :height, :width].detach().cpu())
                 if events is not None:
                     events.emit("step", label="gradcam", step=stop, total_steps=n)
-            result = torch.cat(maps).numpy().astype(np.float32)
+            result = np.moveaxis(torch.cat(maps).numpy().astype(np.float32), 0, axis)
         else:
             scorer = SegmentationClassScores(net)
             roi = tuple(cfg.preprocessing.patch_size)
@@ -196,7 +199,7 @@ def gradcam_image(
     ``class_index``: a classifier's class index (default: the predicted class), or a segmentation
     label value (default 1).
     """
-    from medtl.package import classify_image, preprocess, working_image
+    from medtl.package import classify_image, on_input_grid, preprocess, working_image
 
     if hasattr(package, "members"):
         # An ensemble looks where its members look: the mean of their maps, rescaled. Every member
@@ -237,10 +240,6 @@ def gradcam_image(
         heat = gradcam_array(
             package, volume, class_index=class_index, target_layer=target_layer, device=device, events=events
         )
-    grid = working_image(image, cfg)
     if heat.ndim == 2 and image.GetDimension() == 3:
         heat = heat[None]  # a single-slice volume read as a 2D image
-    result = array_like(heat.astype(np.float32), grid)
-    if cfg.preprocessing.spacing is not None:
-        result = resample_like(result, image)
-    return result
+    return on_input_grid(heat, working_image(image, cfg), image, cfg)

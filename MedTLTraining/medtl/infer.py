@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from medtl.data.geometry import SLICE_AXES
 from medtl.data.slices import slice_stack
 from medtl.events import EventSink
 
@@ -130,16 +131,19 @@ def predict_run_volume(
     device: torch.device | str = "cpu",
     events: EventSink | None = None,
 ) -> np.ndarray:
-    """:func:`predict_volume` as the run ``cfg`` trained it: its dimensions, patch and 2.5D context."""
-    return predict_volume(
+    """:func:`predict_volume` as the run ``cfg`` trained it: its dimensions, patch, 2.5D context
+    and, for 2D networks, the slice axis of the canonically oriented volume."""
+    axis = SLICE_AXES[cfg.preprocessing.slice_axis] if cfg.spatial_dims == 2 else 0
+    probs = predict_volume(
         model,
-        volume,
+        np.moveaxis(volume, axis, 0),
         spatial_dims=cfg.spatial_dims,
         patch_size=cfg.preprocessing.patch_size,
         context_slices=cfg.preprocessing.context_slices,
         device=device,
         events=events,
     )
+    return np.ascontiguousarray(np.moveaxis(probs, 1, axis + 1)) if axis else probs
 
 
 @torch.inference_mode()

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import medtl
 from medtl.config import RunConfig
+from medtl.data.geometry import SLICE_AXES, from_canonical, to_canonical
 from medtl.data.io import array_like, replace_directory, resample_like, resample_to_spacing, sha256_file
 from medtl.data.presets import intensity_transform
 from medtl.errors import DataError, WeightsError
@@ -41,7 +42,18 @@ from medtl.models.registry import TransferNet, build_model
 
 MANIFEST = "medtl_package.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 2: images are reoriented to one canonical orientation before the network sees them.
+# A format-1 package was trained on arrays in each file's stored axis order and is run that way.
+
+
+def package_config(manifest: dict[str, Any]) -> RunConfig:
+    """The run configuration a package's network was trained with."""
+    config = manifest["config"]
+    if manifest.get("format_version", 1) < 2 and "orientation" not in config.get("preprocessing", {}):
+        config = {**config, "preprocessing": {**config.get("preprocessing", {}), "orientation": "as_stored"}}
+    return RunConfig.from_dict(config)
+
 
 # Colours for label values 1, 2, ... (Slicer's generic anatomy colours where they fit).
 DEFAULT_COLOURS = [
@@ -86,7 +98,7 @@ class ModelPackage(PackageLabels):
 
     @property
     def config(self) -> RunConfig:
-        return RunConfig.from_dict(self.manifest["config"])
+        return package_config(self.manifest)
 
     @property
     def domains(self) -> list[str]:
@@ -224,7 +236,7 @@ def load_package(path: str | Path) -> ModelPackage:
             raise WeightsError(f"{file}: sha256 does not match the package manifest; refusing to load it")
     if WEIGHTS not in manifest.get("files", {}):
         raise WeightsError(f"{path}: manifest lists no hash for {WEIGHTS}")
-    cfg = RunConfig.from_dict(manifest["config"])
+    cfg = package_config(manifest)
     model = build_model(cfg.model.name, num_classes=cfg.num_classes, pretrained="none")
     if manifest.get("domains"):
         from medtl.adaptation.dsbn import convert_to_dsbn
@@ -236,29 +248,56 @@ def load_package(path: str | Path) -> ModelPackage:
 
 
 def working_image(image: sitk.Image, cfg: RunConfig, *, labels: bool = False) -> sitk.Image:
-    """The image on the grid the network works on: resampled to ``preprocessing.spacing`` if set.
+    """The image on the grid the network works on: reoriented to the canonical orientation
+    (``preprocessing.orientation``), then resampled to ``preprocessing.spacing`` if set.
 
-    2D tasks resample in-plane only: their samples are the axial slices, and a painted slice must
-    stay a slice (a coarser z grid would drop it, a finer one would invent labels).
+    2D tasks resample in-plane only: their samples are slices along ``preprocessing.slice_axis``,
+    and a painted slice must stay a slice (a coarser grid across the slices would drop it, a finer
+    one would invent labels). A 2D classifier's image (a radiograph) keeps its axes.
     """
-    spacing = cfg.preprocessing.spacing
-    if spacing is None or image.GetDimension() != 3:
+    if image.GetDimension() != 3:
         return image
+    if cfg.preprocessing.orientation == "canonical" and not (cfg.is_classification and cfg.spatial_dims == 2):
+        image = to_canonical(image)
+    spacing = cfg.preprocessing.spacing
+    if spacing is None:
+        return image
+    spacing = list(spacing)
     if cfg.spatial_dims == 2:
-        spacing = [image.GetSpacing()[2], *spacing[1:]]
+        axis = SLICE_AXES[cfg.preprocessing.slice_axis]
+        spacing[axis] = image.GetSpacing()[2 - axis]  # SimpleITK orders (x, y, z)
     return resample_to_spacing(image, spacing, labels=labels)
 
 
-def preprocess(image: sitk.Image, manifest_or_cfg: dict[str, Any] | RunConfig, *, ndim: int = 3) -> np.ndarray:
+def on_input_grid(array: np.ndarray, grid: sitk.Image, image: sitk.Image, cfg: RunConfig) -> sitk.Image:
+    """A float array on the working grid (``grid``, from :func:`working_image`) as an image with
+    exactly ``image``'s grid: resampled (linear) where the run set a spacing, and put back into the
+    input's axis order and orientation."""
+    result = array_like(array.astype(np.float32, copy=False), grid)
+    if cfg.preprocessing.spacing is not None:
+        # Resampling keeps the direction: the working grid's says whether it was reoriented.
+        oriented = image if grid.GetDirection() == image.GetDirection() else to_canonical(image)
+        result = resample_like(result, oriented)
+    return from_canonical(result, image)
+
+
+def preprocess(
+    image: sitk.Image,
+    manifest_or_cfg: dict[str, Any] | RunConfig,
+    *,
+    ndim: int = 3,
+    grid: sitk.Image | None = None,
+) -> np.ndarray:
     """The run's preprocessing applied to a SimpleITK image: resampling (if the run sets a
     spacing), then the intensity preset. (z, y, x) float32, (y, x) for 2D images (``ndim=2``).
 
     For 2D images a single-slice volume (a DICOM radiograph reads as x × y × 1) is taken as its
-    slice, and a colour image (a PNG export) as the mean of its channels.
+    slice, and a colour image (a PNG export) as the mean of its channels. ``grid``: the image's
+    :func:`working_image`, when the caller has it already.
     """
-    cfg = manifest_or_cfg if isinstance(manifest_or_cfg, RunConfig) else RunConfig.from_dict(manifest_or_cfg["config"])
+    cfg = manifest_or_cfg if isinstance(manifest_or_cfg, RunConfig) else package_config(manifest_or_cfg)
     pre = cfg.preprocessing
-    array = sitk.GetArrayFromImage(working_image(image, cfg)).astype(np.float32)
+    array = sitk.GetArrayFromImage(grid if grid is not None else working_image(image, cfg)).astype(np.float32)
     if ndim == 2 and image.GetNumberOfComponentsPerPixel() > 1:
         array = array.mean(axis=-1)
     if ndim == 2 and array.ndim == 3 and array.shape[0] == 1:
@@ -289,17 +328,16 @@ def segment_image(
         from medtl.ensemble import segment_members
 
         return segment_members(package, image, device=device, events=events, domain=domain)[:2]
-    volume = preprocess(image, cfg)
+    grid = working_image(image, cfg)
+    volume = preprocess(image, cfg, grid=grid)
     with package.domain_context(domain):
         probs = predict_run_volume(cfg, package.model, volume, device=device, events=events)
-    if cfg.preprocessing.spacing is not None:
-        # Probabilities go back to the input's grid (linear), then the argmax: smoother edges than
-        # resampling the label map.
-        grid = working_image(image, cfg)
-        probs = np.stack(
-            [sitk.GetArrayFromImage(resample_like(array_like(p.astype(np.float32), grid), image)) for p in probs]
-        )
-        probs /= np.clip(probs.sum(axis=0, keepdims=True), 1e-6, None)
+    if grid.GetSize() != image.GetSize() or grid.GetDirection() != image.GetDirection():
+        # Probabilities go back to the input's grid (linear where resampled), then the argmax:
+        # smoother edges than resampling the label map.
+        probs = np.stack([sitk.GetArrayFromImage(on_input_grid(p, grid, image, cfg)) for p in probs])
+        if cfg.preprocessing.spacing is not None:
+            probs /= np.clip(probs.sum(axis=0, keepdims=True), 1e-6, None)
     labels = probs.argmax(axis=0).astype(np.uint8)
     return array_like(labels, image), probs
 

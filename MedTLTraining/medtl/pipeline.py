@@ -19,7 +19,9 @@ import torch
 
 from medtl.config import RunConfig
 from medtl.data.dataset import Case, load_cases
+from medtl.data.geometry import SLICE_AXES, label_on_image_grid
 from medtl.data.io import atomic_write_text, read_image
+from medtl.data.partial_labels import UNKNOWN, unpainted_slices_unknown
 from medtl.data.slices import slice_items
 from medtl.errors import DataError
 from medtl.events import EventSink
@@ -29,28 +31,33 @@ from medtl.train import dice_per_class, fit, resolve_device
 
 def load_case_arrays(case: Case, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     """The preprocessed image array and its label array (the smallest integer type that holds the
-    labels); errors name the CSV row. With ``data.cache_dir`` both come from the cache when the
-    files and the preprocessing are unchanged."""
+    labels; 255 where unknown), both canonically oriented; errors name the CSV row. A label on
+    another grid than its image is an error (or resampled, ``data.resample_labels``). With
+    ``data.cache_dir`` both come from the cache when the files and the preprocessing are unchanged."""
 
     def make() -> dict[str, np.ndarray]:
         image = read_image(case.image)
-        label_image = read_image(case.label)
-        if image.GetSize() != label_image.GetSize():
-            raise DataError(
-                f"row {case.row}: image {case.image.name} is {image.GetSize()} but label {case.label.name} "
-                f"is {label_image.GetSize()}"
-            )
+        label_image = label_on_image_grid(
+            image,
+            read_image(case.label),
+            where=f"row {case.row}: label {case.label.name} of image {case.image.name}",
+            resample=cfg.data.resample_labels,
+            unknown=UNKNOWN,
+        )
         labels = sitk.GetArrayFromImage(working_image(label_image, cfg, labels=True))
         return {"image": preprocess(image, cfg), "label": compact_labels(labels)}
 
     arrays = _cached(cfg, [case.image, case.label], "segmentation", make)
     labels = arrays["label"]
-    low, high = int(labels.min()), int(labels.max())
+    known = labels[labels != UNKNOWN]
+    low, high = (int(known.min()), int(known.max())) if known.size else (0, 0)
     if low < 0 or high >= cfg.num_classes:
         raise DataError(
             f"row {case.row}: label {case.label.name} has values {low}..{high}, "
-            f"but data.label_names defines 0..{cfg.num_classes - 1}"
+            f"but data.label_names defines 0..{cfg.num_classes - 1} ({UNKNOWN}: unknown)"
         )
+    if cfg.data.labelled_slices and cfg.spatial_dims == 2:
+        labels = unpainted_slices_unknown(labels, SLICE_AXES[cfg.preprocessing.slice_axis])
     return arrays["image"], labels
 
 
@@ -109,8 +116,11 @@ def training_items(cases: list[Case], cfg: RunConfig, domain_of: Callable[[Case]
         else:
             volume, labels = load_case_arrays(case, cfg)
             if cfg.spatial_dims == 2:
-                slices = None if cfg.data.labelled_slices else range(volume.shape[0])
-                new = slice_items(volume, labels, slices=slices, context=cfg.preprocessing.context_slices)
+                # Every slice holding an annotated voxel, organ-free ones included; unknown ones not.
+                axis = SLICE_AXES[cfg.preprocessing.slice_axis]
+                new = slice_items(
+                    np.moveaxis(volume, axis, 0), np.moveaxis(labels, axis, 0), context=cfg.preprocessing.context_slices
+                )
             else:
                 new = [{"image": volume[None], "label": labels[None]}]
         for item in new:
@@ -119,7 +129,7 @@ def training_items(cases: list[Case], cfg: RunConfig, domain_of: Callable[[Case]
                 item["domain"] = domain_of(case)
         items += new
     if not items:
-        raise DataError("the training cases hold no labelled voxels")
+        raise DataError(f"the training cases hold no annotated voxels (every label voxel is {UNKNOWN}: unknown)")
     return items
 
 
@@ -133,11 +143,12 @@ def unlabelled_items(cases: list[Case], cfg: RunConfig) -> list[dict]:
             items.append({"image": image, "label": np.zeros(len(cfg.data.label_names) if cfg.data.multi_label else 1)})
             continue
         volume = preprocess(read_image(case.image), cfg)
-        blank = np.zeros(volume.shape, np.uint8)
         if cfg.spatial_dims == 2:
-            items += slice_items(volume, blank, slices=range(volume.shape[0]), context=cfg.preprocessing.context_slices)
+            volume = np.moveaxis(volume, SLICE_AXES[cfg.preprocessing.slice_axis], 0)
+            blank = np.zeros(volume.shape, np.uint8)
+            items += slice_items(volume, blank, context=cfg.preprocessing.context_slices)
         else:
-            items.append({"image": volume[None], "label": blank[None]})
+            items.append({"image": volume[None], "label": np.zeros((1, *volume.shape), np.uint8)})
     return items
 
 
@@ -462,7 +473,10 @@ def run_report(
     for step in manifest.get("adaptation", []):
         limitations.append(f"Domain adaptation '{step['method']}' was applied; see the configuration.")
     if cfg.spatial_dims == 2 and not cfg.is_classification:
-        limitations.append("A 2D network segments each axial slice on its own (with context_slices neighbours).")
+        limitations.append(
+            f"A 2D network segments each {cfg.preprocessing.slice_axis} slice on its own "
+            "(with context_slices neighbours)."
+        )
     card = model_card(
         kind="training", manifest=manifest, summary=summary, evaluation_data=eval_data, limitations=limitations
     )

@@ -163,6 +163,12 @@ def model_card(
     if summary:
         for table in summary.get("fairness", []):
             found += table.get("warnings", [])
+        if summary.get("sparse_label_rows"):
+            rows = ", ".join(map(str, summary["sparse_label_rows"][:10]))
+            found.append(
+                f"Sparse labels (CSV rows {rows}): scored on the annotated voxels only; Dice there says how well "
+                "the painted voxels are predicted, and distances and volumes are not computed."
+            )
     ensemble = manifest.get("ensemble")
     return {
         "schema": CARD_SCHEMA,

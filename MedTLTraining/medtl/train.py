@@ -35,17 +35,20 @@ import numpy as np
 import torch
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import apply_transform
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
 from medtl import distributed
 from medtl.adaptation.dann import DomainAdversary, ramp
 from medtl.adaptation.dsbn import DomainBatchSampler, convert_to_dsbn, domain_layers, use_domain
 from medtl.config import RunConfig
 from medtl.data.io import atomic_path
-from medtl.data.presets import training_transform
+from medtl.data.partial_labels import known_fraction
+from medtl.data.presets import default_class_ratios, training_transform
 from medtl.errors import ConfigError, DataError, MedTLError
+from medtl.evaluate import dice_per_class  # noqa: F401  (the Dice every part of MedTL reports)
 from medtl.events import EventSink
 from medtl.infer import memory_format
+from medtl.losses import class_weights, make_loss
 from medtl.memory import available_memory, estimate_training_memory, gib, smaller_patch
 from medtl.models.registry import MODELS, TransferNet, build_model
 from medtl.strategies import param_groups, set_trainable_stages, unfrozen_stages
@@ -108,84 +111,6 @@ def device_report(name: str = "auto") -> dict[str, Any]:
         major, minor = torch.cuda.get_device_capability(0)
         report.update(gpu=torch.cuda.get_device_name(0), capability=f"sm_{major}{minor}")
     return report
-
-
-def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> torch.Tensor:
-    """Balanced class weights from the training labels: ``total / (classes × count)``, as
-    scikit-learn's ``class_weight="balanced"``; a class that never occurs gets 0 (it is never a
-    target, so its weight has no effect)."""
-    counts = np.zeros(num_classes, dtype=np.float64)
-    for item in items:
-        label = np.asarray(item["label"]).astype(np.int64).ravel()
-        counts += np.bincount(label, minlength=num_classes)[:num_classes]
-    present = counts > 0
-    weights = np.zeros(num_classes, dtype=np.float32)
-    weights[present] = counts.sum() / (present.sum() * counts[present])
-    return torch.from_numpy(weights)
-
-
-def make_loss(
-    name: str, *, weights: torch.Tensor | None = None, classification: bool = False, multi_label: bool = False
-) -> torch.nn.Module:
-    """A MONAI loss (or torch's CE/BCE) taking logits and MedTL's label layout: (N, 1, *spatial)
-    class indices for segmentation, (N, 1) indices or (N, C) 0/1 targets (``bce``) for classifiers."""
-    from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss
-
-    if name == "bce":
-        return _FloatTargetLoss(torch.nn.BCEWithLogitsLoss())
-    if name == "focal" and classification:
-        return _FocalClassification(multi_label=multi_label)
-    if name == "ce_weighted":
-        if weights is None:
-            raise ValueError("ce_weighted needs class weights from the training labels")
-        return _LabelChannelLoss(torch.nn.CrossEntropyLoss(weight=weights))
-    if name == "dice_ce":
-        return DiceCELoss(to_onehot_y=True, softmax=True)
-    if name == "dice":
-        return DiceLoss(to_onehot_y=True, softmax=True)
-    if name == "focal":
-        return FocalLoss(to_onehot_y=True, use_softmax=True)
-    if name == "dice_focal":
-        return DiceFocalLoss(to_onehot_y=True, softmax=True)
-    if name == "ce":
-        ce = torch.nn.CrossEntropyLoss()
-        return _LabelChannelLoss(ce)
-    raise ValueError(f"unknown loss '{name}'")
-
-
-class _LabelChannelLoss(torch.nn.Module):
-    """Adapts a loss on (N, H, W) class indices to MONAI's (N, 1, H, W) label layout."""
-
-    def __init__(self, loss: torch.nn.Module) -> None:
-        super().__init__()
-        self.loss = loss
-
-    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return self.loss(logits, label[:, 0].long())
-
-
-class _FloatTargetLoss(torch.nn.Module):
-    def __init__(self, loss: torch.nn.Module) -> None:
-        super().__init__()
-        self.loss = loss
-
-    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return self.loss(logits, label.float())
-
-
-class _FocalClassification(torch.nn.Module):
-    """MONAI's focal loss for (N, C) logits: softmax over classes for (N, 1) indices, sigmoid per
-    class for multi-label (N, C) targets."""
-
-    def __init__(self, *, multi_label: bool) -> None:
-        super().__init__()
-        from monai.losses import FocalLoss
-
-        self.multi_label = multi_label
-        self.loss = FocalLoss() if multi_label else FocalLoss(to_onehot_y=True, use_softmax=True)
-
-    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return self.loss(logits, label.float() if self.multi_label else label.long())
 
 
 def lr_factor(step: int, *, total: int, warmup: int) -> float:
@@ -351,6 +276,7 @@ def fit(
         level=cfg.augmentation,
         spatial_dims=cfg.spatial_dims,
         classification=cfg.is_classification,
+        class_ratios=None if cfg.is_classification else cfg.train.class_ratios or default_class_ratios(cfg.num_classes),
     )
     generator = torch.Generator()
     if n_domains:
@@ -361,7 +287,7 @@ def fit(
             generator=generator,
         )
     else:
-        global_batches = _random_batches(len(items), cfg, generator)
+        global_batches = _random_batches(len(items), cfg, generator, weights=_annotation_weights(items, cfg))
     samples = SampleSeeds(global_batches)
     workers = worker_count(cfg.train.num_workers, device, world)
     loader = _loader(items, transform, distributed.ShardedBatches(samples, world), device, workers)
@@ -673,17 +599,6 @@ def _phase_name(unfrozen: int, n_stages: int) -> str:
     return f"fine-tune (top {unfrozen} of {n_stages} encoder stages unfrozen)"
 
 
-def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
-    """Dice per class on label arrays, via MONAI's metric (NaN where both are empty)."""
-    from monai.metrics import compute_dice
-
-    n = int(max(classes)) + 1
-    p = torch.nn.functional.one_hot(torch.as_tensor(pred, dtype=torch.long), n).movedim(-1, 0)[None]
-    t = torch.nn.functional.one_hot(torch.as_tensor(truth, dtype=torch.long), n).movedim(-1, 0)[None]
-    scores = compute_dice(p, t, include_background=True, ignore_empty=True)[0]
-    return {c: float(scores[c]) for c in classes}
-
-
 def summarize(values: Sequence[float]) -> dict[str, Any]:
     arr = np.asarray(values, dtype=float)
     return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "values": arr.tolist()}
@@ -739,11 +654,27 @@ def _without_metadata():
         set_track_meta(tracking)
 
 
-def _random_batches(n_items: int, cfg: RunConfig, generator: torch.Generator) -> Sampler[list[int]]:
-    """``steps_per_epoch`` global batches of indices drawn with replacement."""
+def _random_batches(
+    n_items: int, cfg: RunConfig, generator: torch.Generator, weights: Sequence[float] | None = None
+) -> Sampler[list[int]]:
+    """``steps_per_epoch`` global batches of indices drawn with replacement (in proportion to
+    ``weights`` when given)."""
     n_samples = cfg.train.steps_per_epoch * cfg.train.batch_size
-    draws = RandomSampler(range(n_items), replacement=True, num_samples=n_samples, generator=generator)
+    if weights is not None:
+        draws: Sampler[int] = WeightedRandomSampler(weights, n_samples, replacement=True, generator=generator)
+    else:
+        draws = RandomSampler(range(n_items), replacement=True, num_samples=n_samples, generator=generator)
     return BatchSampler(draws, cfg.train.batch_size, drop_last=True)
+
+
+def _annotation_weights(items: Sequence[dict[str, Any]], cfg: RunConfig) -> list[float] | None:
+    """2D slices drawn in proportion to their annotated voxels when some are partly unknown (a
+    slice crossed by a plane painted in another view holds one annotated line); None (uniform)
+    when every slice is fully annotated."""
+    if cfg.is_classification or cfg.spatial_dims != 2:
+        return None
+    fractions = [known_fraction(item["label"]) for item in items]
+    return fractions if min(fractions) < 1.0 else None
 
 
 def worker_count(requested: int | None, device: torch.device, world: distributed.World) -> int:

@@ -19,12 +19,14 @@ from monai.transforms import (
     ClipIntensityPercentiles,
     Compose,
     HistogramNormalize,
+    Lambda,
     NormalizeIntensity,
     Rand2DElasticd,
     Rand3DElasticd,
     RandAdjustContrastd,
     RandAffined,
     RandBiasFieldd,
+    RandCropByLabelClassesd,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -92,13 +94,30 @@ _LEVELS = {
 }
 
 
+def default_class_ratios(num_classes: int) -> list[float]:
+    """Patch centres: two thirds on background, one third shared by the structures (nnU-Net's
+    forced foreground), so a small structure is seen in every few batches, not by luck."""
+    if num_classes < 2:
+        return [1.0]
+    return [2.0 / 3.0] + [1.0 / (3.0 * (num_classes - 1))] * (num_classes - 1)
+
+
 def training_transform(
-    *, patch_size: Sequence[int], level: str, spatial_dims: int, classification: bool = False
+    *,
+    patch_size: Sequence[int],
+    level: str,
+    spatial_dims: int,
+    classification: bool = False,
+    class_ratios: Sequence[float] | None = None,
 ) -> Compose:
     """Augmentation in the preset's space, ending in a patch of ``patch_size``.
 
     Segmentation: pad to the patch (padding = 0 = air), augment image and label alike, crop a
-    random patch. Classification: resize the whole image to the patch, augment the image.
+    patch centred on a voxel of a class drawn with ``class_ratios`` (MONAI's
+    ``RandCropByLabelClassesd``: one chance per label value, background first; a class missing
+    from a sample gives its chance to the others; unknown voxels, 255, are never a centre), or
+    anywhere at random without ``class_ratios``. The result is one dict (not MONAI's list of
+    samples). Classification: resize the whole image to the patch, augment the image.
 
     Levels (each step is a MONAI transform, random under ``Compose.set_random_state``):
 
@@ -162,5 +181,25 @@ def training_transform(
             steps.append(RandGaussianNoised(keys="image", prob=0.3, std=noise))
             steps.append(RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.1 if level == "strong" else 0.05)))
     if not classification:
-        steps.append(RandSpatialCropd(keys=spatial_keys, roi_size=patch_size, random_size=False))
-    return Compose(steps)
+        if class_ratios is None:
+            steps.append(RandSpatialCropd(keys=spatial_keys, roi_size=patch_size, random_size=False))
+        else:
+            steps += [
+                RandCropByLabelClassesd(
+                    keys=spatial_keys,
+                    label_key="label",
+                    spatial_size=patch_size,
+                    ratios=list(class_ratios),
+                    num_classes=len(class_ratios),
+                    num_samples=1,
+                    warn=False,
+                ),
+                Lambda(_single_sample),
+            ]
+    # map_items=False: the last step gets the crop's list itself, not each of its items.
+    return Compose(steps, map_items=False)
+
+
+def _single_sample(samples):
+    # RandCropByLabelClassesd returns a list of num_samples dicts; training draws one at a time.
+    return samples[0] if isinstance(samples, list) else samples

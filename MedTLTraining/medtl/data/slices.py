@@ -1,13 +1,16 @@
-"""2D training samples from volumes: axial (z) slices, only the labelled ones by default.
+"""2D training samples from volumes: slices along the first array axis (the caller moves the
+slice axis there), by default every slice holding an annotated voxel.
 
-Slices without paint are unknown, not background: a user who painted 3 slices said nothing
-about the others.
+A slice whose voxels are all unknown (255, :mod:`medtl.data.partial_labels`) is not a sample: a
+user who painted 3 slices said nothing about the others. An organ-free slice the user left
+empty or erased is a sample: it is background.
 
 Example:
     >>> import numpy as np
-    >>> vol = np.zeros((4, 8, 8), np.float32); lab = np.zeros((4, 8, 8), np.int64); lab[2, 1, 1] = 1
+    >>> vol = np.zeros((4, 8, 8), np.float32); lab = np.full((4, 8, 8), 255, np.uint8)
+    >>> lab[2] = 0; lab[2, 1, 1] = 1; lab[3] = 0
     >>> [s["slice"] for s in slice_items(vol, lab)]
-    [2]
+    [2, 3]
 """
 
 from __future__ import annotations
@@ -16,10 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
-def labelled_slices(label: np.ndarray) -> list[int]:
-    """z indices whose slice holds any nonzero label."""
-    return [int(z) for z in np.nonzero(label.reshape(label.shape[0], -1).any(axis=1))[0]]
+from medtl.data.partial_labels import annotated_slices
 
 
 def slice_stack(volume: np.ndarray, z: int, context: int) -> np.ndarray:
@@ -38,10 +38,10 @@ def slice_items(
     context: int = 0,
 ) -> list[dict]:
     """Training dicts (``image`` (1 + 2·context, y, x) float32, ``label`` (1, y, x) in the label
-    array's integer type) for chosen z slices."""
+    array's integer type) for chosen slices (default: the annotated ones)."""
     if volume.shape != label.shape:
         raise ValueError(f"image {volume.shape} and label {label.shape} differ in shape")
-    chosen = labelled_slices(label) if slices is None else list(slices)
+    chosen = annotated_slices(label) if slices is None else list(slices)
     return [
         {
             "image": slice_stack(volume, z, context),
