@@ -475,7 +475,7 @@ class MedTLExtensionTest(ScriptedLoadableModuleTest):
             reference_volume=volume,
             node=prediction,
         )
-        self.assertEqual(learner.labelled_slices(volume, painted)[3], {4})
+        self.assertEqual(learner.training_labels(volume, painted).corrected, {(0, 4)})
         learner.start_learning(volume, painted, LearningOptions(**{**self.OPTIONS.__dict__, "epochs": 2}))
         self.assertIs(learner.run_to_completion(timeout_s=600, idle=slicer.app.processEvents), prediction)
         self.assertEqual(learner.rounds, 2)

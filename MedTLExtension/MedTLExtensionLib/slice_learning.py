@@ -41,11 +41,23 @@ from typing import Any
 
 import numpy as np
 import slicer
+from medtl.data.partial_labels import MAX_CLASSES, UNKNOWN
 
 from MedTLExtensionLib import mrml_bridge, volume_files
 from MedTLExtensionLib.engine_process import EngineJob, EngineRun, start_engine
+from MedTLExtensionLib.painted_planes import ObliquePaintingError, Plane, dominant_axis, find_planes, plane_index
 
-__all__ = ["LearningOptions", "SliceLearner", "display_window", "learning_config", "package_segments"]
+__all__ = [
+    "LearningOptions",
+    "SliceLearner",
+    "SliceSuggestion",
+    "TrainingLabels",
+    "display_window",
+    "learning_config",
+    "package_segments",
+    "slice_center_ras",
+    "suggest_slices",
+]
 
 PACKAGE_MANIFEST = "medtl_package.json"
 
@@ -68,6 +80,28 @@ class LearningOptions:
 
 
 @dataclass
+class TrainingLabels:
+    """What the user told MedTL so far, as one round's training labels.
+
+    Attributes:
+        labels: class indices 1..N and 0 (background) on the annotated planes, :data:`UNKNOWN`
+            (255) elsewhere, on the volume's grid (KJI).
+        segments: one ``(class, name, colour)`` per segment of the user's segmentation, in its order.
+        painted: the planes ``(array axis, index)`` the user painted in their segmentation.
+        corrected: the planes (not painted) the user corrected in a prediction under review, this
+            round or earlier; their labels come from the prediction as corrected, erasures included.
+        slice_plane: ``axial``, ``coronal`` or ``sagittal``: the anatomical plane of the axis most
+            planes lie along; the 2D network trains and predicts slices of that plane.
+    """
+
+    labels: np.ndarray
+    segments: list[mrml_bridge.SegmentSpec]
+    painted: set[Plane]
+    corrected: set[Plane]
+    slice_plane: str
+
+
+@dataclass
 class _Review:
     """A prediction under review and what is needed to learn from its corrections."""
 
@@ -76,7 +110,7 @@ class _Review:
     source: slicer.vtkMRMLSegmentationNode
     names: list[str]  # class i + 1 is names[i]; the node's segments carry i + 1 as their tag
     as_imported: np.ndarray  # the node's labels as MedTL wrote them, to find the user's corrections
-    corrected: set[int] = field(default_factory=set)  # slices corrected in earlier rounds
+    corrected: set[Plane] = field(default_factory=set)  # planes corrected in earlier rounds
 
 
 @dataclass
@@ -92,7 +126,7 @@ class _Job:
     segments: list[mrml_bridge.SegmentSpec]
     output_name: str
     source: slicer.vtkMRMLSegmentationNode | None = None
-    corrected: set[int] = field(default_factory=set)
+    training: TrainingLabels | None = None
     probabilities: bool = False
     uncertainty: bool = False
     gradcam: bool = False
@@ -130,6 +164,8 @@ class SliceLearner:
         self.probability_volume: slicer.vtkMRMLScalarVolumeNode | None = None
         self.uncertainty_volume: slicer.vtkMRMLScalarVolumeNode | None = None
         self.gradcam_volume: slicer.vtkMRMLScalarVolumeNode | None = None
+        # After a learning round: the slices to paint next, most uncertain first (see suggest_slices).
+        self.suggested_slices: list[SliceSuggestion] = []
         self.last_log = ""
 
     # ------------------------------------------------------------------ state
@@ -153,16 +189,16 @@ class SliceLearner:
 
     # ------------------------------------------------------------------ learning
 
-    def labelled_slices(
+    def training_labels(
         self, volume: slicer.vtkMRMLScalarVolumeNode, segmentation: slicer.vtkMRMLSegmentationNode
-    ) -> tuple[np.ndarray, list[mrml_bridge.SegmentSpec], list[int], set[int]]:
-        """The training labels of the next round.
+    ) -> TrainingLabels:
+        """The training labels of the next round: the planes the user painted in ``segmentation``
+        (in any view), and the planes they corrected in the prediction under review, each taken as
+        fully annotated; everything else unknown.
 
-        Returns:
-            ``(labels, segments, painted, corrected)``: class indices 1..N (0 elsewhere) on the
-            volume's grid, one ``(class, name, colour)`` per segment of ``segmentation`` in its
-            order, the slices the user painted there, and the slices (not painted there) that
-            the user corrected in the prediction under review, whose labels are taken from it.
+        Raises:
+            ValueError: for two segments with one name, more segments than label values, or
+                painting that lies in no slice of the volume (an oblique view).
         """
         user_labels, user_segments = mrml_bridge.segmentation_to_labelmap(
             self.scene, self.segmentations_logic, segmentation, volume
@@ -170,29 +206,37 @@ class SliceLearner:
         names = [name for _value, name, _color in user_segments]
         if len(set(names)) != len(names):
             raise ValueError(f"segmentation '{segmentation.GetName()}' has two segments with the same name")
+        if len(names) > MAX_CLASSES:
+            raise ValueError(f"segmentation '{segmentation.GetName()}' has more than {MAX_CLASSES} segments")
         lookup = np.zeros(max((v for v, _n, _c in user_segments), default=0) + 1, dtype=np.uint8)
         for index, (value, _name, _color) in enumerate(user_segments, start=1):
             lookup[value] = index
-        labels = lookup[user_labels]
+        classes = lookup[user_labels]
         segments = [(index, name, color) for index, (_value, name, color) in enumerate(user_segments, start=1)]
-        painted = mrml_bridge.painted_slices(labels)
+        painted = _planes_of(classes != 0, f"segmentation '{segmentation.GetName()}'")
+        labels = np.full(classes.shape, UNKNOWN, np.uint8)
 
-        corrected: set[int] = set()
+        corrected: set[Plane] = set()
         review = self._review
         if self.under_review is not None and review.volume is volume and review.source is segmentation:
             now, _specs = mrml_bridge.segmentation_to_labelmap(
                 self.scene, self.segmentations_logic, review.node, volume
             )
-            changed = np.flatnonzero(np.any(now != review.as_imported, axis=(1, 2)))
-            corrected = (review.corrected | {int(k) for k in changed}) - set(painted)
+            # Erasing a false positive changes voxels as much as painting does: both are corrections.
+            changed = _planes_of(now != review.as_imported, f"the corrections in '{review.node.GetName()}'")
+            corrected = (review.corrected | changed) - painted
             # The review node's classes are the last round's; map them to this round's by name.
             remap = np.zeros(max(len(review.names), int(now.max())) + 1, dtype=np.uint8)
             for old, name in enumerate(review.names, start=1):
                 if name in names:
                     remap[old] = names.index(name) + 1
-            for k in sorted(corrected):
-                labels[k] = remap[now[k]]
-        return labels, segments, painted, corrected
+            for plane in corrected:
+                labels[plane_index(plane)] = remap[now[plane_index(plane)]]
+        for plane in painted:
+            labels[plane_index(plane)] = classes[plane_index(plane)]
+        planes = painted | corrected
+        axis = dominant_axis(planes, labels != UNKNOWN) if planes else 0
+        return TrainingLabels(labels, segments, painted, corrected, _anatomical_plane(volume, axis))
 
     def start_learning(
         self,
@@ -211,12 +255,12 @@ class SliceLearner:
             raise ValueError("Select a volume that holds image data.")
         if segmentation is None or segmentation.GetSegmentation().GetNumberOfSegments() == 0:
             raise ValueError("Select a segmentation with at least one segment painted on a few slices.")
-        labels, segments, painted, corrected = self.labelled_slices(volume, segmentation)
-        if not painted and not corrected:
+        training = self.training_labels(volume, segmentation)
+        if not training.painted and not training.corrected:
             raise ValueError(
                 f"The segmentation '{segmentation.GetName()}' has no painted voxels inside volume '{volume.GetName()}'."
             )
-        names = [name for _v, name, _c in segments]
+        names = [name for _v, name, _c in training.segments]
         # Later rounds continue from the last model when it knows the same structures.
         initial = options.pretrained
         if self.last_package is not None and self._package_names(self.last_package) == names:
@@ -226,30 +270,34 @@ class SliceLearner:
         inputs = run_dir / "inputs"
         inputs.mkdir()
         image_path = volume_files.write_volume(volume, inputs / "image.nrrd")
-        volume_files.write_array(labels, mrml_bridge.ijk_to_ras_of(volume), inputs / "label.nrrd")
+        volume_files.write_array(training.labels, mrml_bridge.ijk_to_ras_of(volume), inputs / "label.nrrd")
         (inputs / "cases.csv").write_text("image,label\nimage.nrrd,label.nrrd\n", encoding="utf-8")
         config = learning_config(
             window=display_window(volume),
             label_names=names,
             csv=inputs / "cases.csv",
             output_dir=run_dir,
-            image_shape=labels.shape,
+            image_shape=training.labels.shape,
             options=options,
             initial_weights=initial,
+            slice_plane=training.slice_plane,
         )
         config_path = run_dir / "config.json"
         config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         logging.info(
-            "MedTL: learning from painted slices %s and corrected slices %s of %s in %s",
-            painted,
-            sorted(corrected),
+            "MedTL: learning %s slices from painted planes %s and corrected planes %s of %s in %s",
+            training.slice_plane,
+            sorted(training.painted),
+            sorted(training.corrected),
             volume.GetName(),
             run_dir,
         )
         # One process trains and then predicts: a second engine start-up (torch and MONAI imports,
         # several seconds) would be most of the wait after a short round.
-        outputs = {"labels": inputs / "prediction.nrrd"}
+        # The uncertainty ranks the slices to paint next; it is not shown as an overlay.
+        outputs = {"labels": inputs / "prediction.nrrd", "slice_uncertainty": inputs / "uncertainty.nrrd"}
         args = ["train", str(config_path), "--predict", str(image_path), "--predict-out", str(outputs["labels"])]
+        args += ["--predict-uncertainty", str(outputs["slice_uncertainty"])]
         engine = EngineJob(self.engine_factory([*args, "--events", "-"]), "Training")
         self._job = _Job(
             kind="learn",
@@ -260,10 +308,10 @@ class SliceLearner:
             inputs_dir=inputs,
             image_path=image_path,
             device=options.device,
-            segments=segments,
+            segments=training.segments,
             output_name=f"{segmentation.GetName()} (MedTL)",
             source=segmentation,
-            corrected=corrected,
+            training=training,
             outputs=outputs,
         )
         return run_dir
@@ -446,7 +494,8 @@ class SliceLearner:
         """Merges the reviewed prediction into the user's segmentation and removes the prediction node.
 
         Each of the user's segments gets the prediction of its structure (with the user's
-        corrections) on every slice the user did not paint; painted slices stay as painted.
+        corrections) on every slice the user did not paint; painted slices (in any view) stay as
+        painted.
         """
         node = self.under_review
         if node is None:
@@ -456,7 +505,9 @@ class SliceLearner:
         user_labels, user_segments = mrml_bridge.segmentation_to_labelmap(
             self.scene, self.segmentations_logic, source, volume
         )
-        painted = mrml_bridge.painted_slices(user_labels)
+        painted = np.zeros(user_labels.shape, bool)
+        for plane in _planes_of(user_labels != 0, f"segmentation '{source.GetName()}'"):
+            painted[plane_index(plane)] = True
         predicted, _ = mrml_bridge.segmentation_to_labelmap(self.scene, self.segmentations_logic, node, volume)
         segmentation = source.GetSegmentation()
         ids_by_name = {segmentation.GetSegment(i).GetName(): i for i in mrml_bridge.list_segment_ids(segmentation)}
@@ -533,11 +584,10 @@ class SliceLearner:
         labels, ijk_to_ras = volume_files.read_array(job.outputs["labels"])
         review = self._review if job.kind == "learn" else None
         reuse = review is not None and self.under_review is not None and review.source is job.source
-        if job.kind == "learn" and job.corrected:
+        if job.kind == "learn" and job.training.corrected:
             # The user's corrections stay visible (and stay training data for the next round).
-            source_labels, _segments, _painted, _corrected = self.labelled_slices(job.volume, job.source)
-            for k in job.corrected:
-                labels[k] = source_labels[k]
+            for plane in job.training.corrected:
+                labels[plane_index(plane)] = job.training.labels[plane_index(plane)]
         # The reference volume makes the bridge check that the prediction is on the volume's grid.
         node = mrml_bridge.labelmap_to_segmentation(
             self.scene,
@@ -557,8 +607,16 @@ class SliceLearner:
                 source=job.source,
                 names=[name for _v, name, _c in job.segments],
                 as_imported=imported,
-                corrected=set(job.corrected),
+                corrected=set(job.training.corrected),
             )
+            if "slice_uncertainty" in job.outputs and job.outputs["slice_uncertainty"].is_file():
+                uncertainty, _matrix = volume_files.read_array(job.outputs["slice_uncertainty"])
+                plane = job.training.slice_plane
+                axis = _array_axis(job.volume, plane)
+                self.suggested_slices = [
+                    SliceSuggestion(plane, axis, index, score)
+                    for index, score in suggest_slices(uncertainty, job.training.labels != UNKNOWN, axis=axis)
+                ]
         overlays = {
             "probabilities": ("probability", "probability_volume"),
             "uncertainty": ("uncertainty", "uncertainty_volume"),
@@ -574,6 +632,75 @@ class SliceLearner:
                 setattr(self, attribute, volume)
         self.result_segmentation = node
         return node
+
+
+@dataclass(frozen=True)
+class SliceSuggestion:
+    """A slice to paint next: its plane and array axis (KJI), index, and mean uncertainty (0..1)."""
+
+    plane: str
+    axis: int
+    index: int
+    uncertainty: float
+
+
+SLICE_VIEWS = {"axial": "Red", "sagittal": "Yellow", "coronal": "Green"}
+"""The slice view of Slicer's default layouts that shows each plane."""
+
+
+def suggest_slices(uncertainty: np.ndarray, known: np.ndarray, *, axis: int, count: int = 3) -> list[tuple[int, float]]:
+    """The ``count`` slices along ``axis`` where the model is least sure (mean normalised entropy of
+    the slice), as ``(index, uncertainty)``, most uncertain first. Slices the user already
+    annotated (most of their voxels known) are left out, and suggestions keep a few slices apart,
+    so three suggestions are three different places to look.
+    """
+    other = tuple(a for a in range(uncertainty.ndim) if a != axis)
+    per_slice = np.asarray(uncertainty, np.float64).mean(axis=other)
+    annotated = np.asarray(known, bool).mean(axis=other) > 0.5
+    gap = max(1, len(per_slice) // (4 * max(1, count)))
+    chosen: list[tuple[int, float]] = []
+    for index in np.argsort(-per_slice, kind="stable"):
+        if annotated[index] or any(abs(int(index) - c) < gap for c, _u in chosen):
+            continue
+        chosen.append((int(index), float(per_slice[index])))
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def slice_center_ras(volume: slicer.vtkMRMLScalarVolumeNode, axis: int, index: int) -> tuple[float, float, float]:
+    """RAS coordinates of the centre of slice ``index`` along array axis ``axis`` (KJI) of
+    ``volume``: where a slice view jumps to show that slice."""
+    dims = volume.GetImageData().GetDimensions()  # I, J, K
+    ijk = [(d - 1) / 2.0 for d in dims]
+    ijk[2 - axis] = float(index)
+    ras = mrml_bridge.ijk_to_ras_of(volume) @ np.array([*ijk, 1.0])
+    return float(ras[0]), float(ras[1]), float(ras[2])
+
+
+def _planes_of(mask: np.ndarray, what: str) -> set[Plane]:
+    try:
+        return find_planes(mask)
+    except ObliquePaintingError as err:
+        raise ValueError(f"{what}: {err}") from None
+
+
+def _axis_directions(volume: slicer.vtkMRMLScalarVolumeNode) -> list[int]:
+    """For array axes K, J, I: the RAS axis (0 R, 1 A, 2 S) each runs closest to."""
+    matrix = mrml_bridge.ijk_to_ras_of(volume)[:3, :3]
+    return [int(np.argmax(np.abs(matrix[:, 2 - axis]))) for axis in range(3)]
+
+
+def _anatomical_plane(volume: slicer.vtkMRMLScalarVolumeNode, axis: int) -> str:
+    """The anatomical plane (``axial``, ``coronal``, ``sagittal``) of the slices along array axis
+    ``axis``: the plane normal to the RAS axis that the volume axis runs closest to, as the
+    engine's canonical orientation (SimpleITK's DICOMOrient) assigns it."""
+    return ("sagittal", "coronal", "axial")[_axis_directions(volume)[axis]]
+
+
+def _array_axis(volume: slicer.vtkMRMLScalarVolumeNode, plane: str) -> int:
+    """The array axis (KJI) whose slices lie in ``plane``."""
+    return _axis_directions(volume).index(("sagittal", "coronal", "axial").index(plane))
 
 
 def display_window(volume: slicer.vtkMRMLScalarVolumeNode) -> list[float] | None:
@@ -612,11 +739,13 @@ def learning_config(
     image_shape: tuple[int, ...],
     options: LearningOptions,
     initial_weights: str,
+    slice_plane: str = "axial",
 ) -> dict[str, Any]:
-    """Run configuration (``medtl.config.RunConfig`` as JSON) for one round of learning from slices."""
+    """Run configuration (``medtl.config.RunConfig`` as JSON) for one round of learning from
+    slices of ``slice_plane``."""
     # FlexibleUNet halves the size five times: a multiple of 32, at most 256 to keep steps fast;
-    # the engine pads smaller images.
-    patch = int(min(256, max(32, (min(image_shape[1:]) // 32) * 32)))
+    # the engine pads smaller images. The patch is square: the smaller side of the volume bounds it.
+    patch = int(min(256, max(32, (sorted(image_shape)[1] // 32) * 32)))
     if initial_weights == "none":
         # From random weights there are no features to extract: train all layers from the start.
         strategy: dict[str, Any] = {"name": "full_finetune", "encoder_lr_factor": 1.0}
@@ -630,10 +759,15 @@ def learning_config(
         strategy = {"name": "full_finetune", "encoder_lr_factor": 0.1}
     return {
         "task": "segmentation_2d",
-        # Only labelled slices are examples; the others are unknown, not background.
-        "data": {"csv": str(csv), "label_names": label_names, "val_fraction": 0.0, "labelled_slices": True},
+        # The label file marks what the user said nothing about as unknown (255); erased is background.
+        "data": {"csv": str(csv), "label_names": label_names, "val_fraction": 0.0, "labelled_slices": False},
         # What the user sees (and painted on) is the display window, so that is the intensity range.
-        "preprocessing": {"preset": "none" if window else "mri", "window": window, "patch_size": [patch, patch]},
+        "preprocessing": {
+            "preset": "none" if window else "mri",
+            "window": window,
+            "patch_size": [patch, patch],
+            "slice_axis": slice_plane,
+        },
         "model": {"name": options.network, "pretrained": initial_weights},
         "strategy": strategy,
         "train": {
