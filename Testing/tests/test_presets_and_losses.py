@@ -146,10 +146,15 @@ def test_segmentation_losses_handle_empty_labels(name, empty):
     label = torch.zeros(2, 1, 16, 16, dtype=torch.long)
     if not empty:
         label[:, :, 4:8, 4:8] = 2
-    loss = make_loss(name, weights=torch.tensor([0.5, 1.0, 2.0]))(logits, label)
+    loss_fn = make_loss(name, weights=torch.tensor([0.5, 1.0, 2.0]))
+    loss = loss_fn(logits, label)
     assert torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    # A confident, correct prediction costs less than a confident, wrong one and less than noise.
+    right = torch.nn.functional.one_hot(label[:, 0], 3).movedim(-1, 1).float() * 20 - 10
+    wrong = torch.roll(right, 1, dims=1)
+    assert loss_fn(right, label) < min(loss_fn(logits.detach(), label), loss_fn(wrong, label))
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("slicer", reason="the Slicer-side tests need slicer-core")
 
+from medtl.data.partial_labels import UNKNOWN  # noqa: E402
 from MedTLExtensionLib import mrml_bridge  # noqa: E402
 from MedTLExtensionLib.engine_process import start_engine  # noqa: E402
 from MedTLExtensionLib.headless_scene import create_headless_scene  # noqa: E402
@@ -130,11 +131,15 @@ def test_learning_from_painted_slices_segments_the_unpainted_ones(session):
 def test_corrections_are_learned_in_the_next_round_from_the_last_model(session):
     learner, prediction, truth = session["learner"], session["prediction"], session["truth"]
     h = session["headless"]
-    # The user corrects slice 4 in the prediction node: the true lesion painted there.
+    assert [s.plane for s in learner.suggested_slices] == ["axial"] * len(learner.suggested_slices)
+    assert learner.suggested_slices, "a round names the slices to paint next"
+    assert not {s.index for s in learner.suggested_slices} & set(PAINTED), "never a slice the user painted"
+    # The user corrects slice 4 in the prediction node: the true labels there.
     current, _ = labels_of(session, prediction)
     corrected = current.copy()
     corrected[4] = truth[4]
-    corrected[4, 0, 0] = 1  # a deliberate mark, to find the correction again after the round
+    if np.array_equal(corrected[4], current[4]):
+        corrected[4, 0, 0] = 1  # the round was perfect there: a correction still has to change something
     mrml_bridge.labelmap_to_segmentation(
         h.scene,
         h.segmentations_logic,
@@ -144,11 +149,13 @@ def test_corrections_are_learned_in_the_next_round_from_the_last_model(session):
         reference_volume=session["volume"],
         node=prediction,
     )
-    labels, _segments, painted, corrected_slices = learner.labelled_slices(session["volume"], session["user"])
-    assert painted == list(PAINTED)
-    assert corrected_slices == {4}
-    np.testing.assert_array_equal(labels[4], corrected[4])
-    assert not labels[[0, 1, 3, 5]].any(), "unlabelled slices must stay unknown (0), not predictions"
+    training = learner.training_labels(session["volume"], session["user"])
+    assert training.painted == {(0, k) for k in PAINTED}
+    assert training.corrected == {(0, 4)}
+    assert training.slice_plane == "axial"
+    np.testing.assert_array_equal(training.labels[4], corrected[4])
+    assert (training.labels[[0, 1, 3, 5]] == UNKNOWN).all(), "unannotated slices are unknown (255), not predictions"
+    np.testing.assert_array_equal(training.labels[list(PAINTED)], session["painted"][list(PAINTED)])
 
     nodes_before = h.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
     first_package = learner.last_package
@@ -156,6 +163,7 @@ def test_corrections_are_learned_in_the_next_round_from_the_last_model(session):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"]["pretrained"] == str(first_package)
     assert config["strategy"]["name"] == "full_finetune"
+    assert config["preprocessing"]["slice_axis"] == "axial" and config["data"]["labelled_slices"] is False
     events = drain(learner)
     result = learner.result_segmentation
     assert any(
@@ -336,3 +344,88 @@ def test_apply_a_package_with_one_batchnorm_per_site_names_the_site(session, tmp
     result = learner.run_to_completion(timeout_s=300, interval_s=0.05)
     assert result is not None and labels_of(session, result)[0].shape == SHAPE
     h.scene.RemoveNode(result)
+
+
+def _learner_with_volume(tmp_path, image, ijk_to_ras, name):
+    headless = create_headless_scene()
+    volume = mrml_bridge.array_to_volume(headless.scene, image, ijk_to_ras, name)
+    volume.CreateDefaultDisplayNodes()
+    volume.GetDisplayNode().AutoWindowLevelOff()
+    volume.GetDisplayNode().SetWindowLevel(400, 40)
+    learner = SliceLearner(headless.scene, headless.segmentations_logic, work_root=tmp_path)
+    return headless, volume, learner
+
+
+def test_erasing_a_false_positive_is_learned_in_the_next_round(tmp_path, hub_cache):
+    """The most common correction: the user erases what the model wrongly found on one slice, and
+    the next round stops finding it on the other slices too."""
+    image, truth, ijk_to_ras = phantom()
+    # A second bright object, as bright as the organ, on slices the user did not paint.
+    k, j, i = np.indices(SHAPE)
+    distractor = (k >= 10) & ((j - 8) ** 2 + (i - 54) ** 2 < 36)
+    image[distractor] = 160.0 + np.random.default_rng(2).normal(0, 12, int(distractor.sum()))
+    headless, volume, learner = _learner_with_volume(tmp_path, image, ijk_to_ras, "distractor")
+    painted = np.zeros(SHAPE, np.uint8)
+    painted[list(PAINTED)] = truth[list(PAINTED)]
+    user = mrml_bridge.labelmap_to_segmentation(
+        headless.scene, headless.segmentations_logic, painted, ijk_to_ras, SEGMENTS, reference_volume=volume
+    )
+    learner.start_learning(volume, user, OPTIONS)
+    prediction = learner.run_to_completion(timeout_s=600, interval_s=0.05)
+    h = headless
+    first, _ = mrml_bridge.segmentation_to_labelmap(h.scene, h.segmentations_logic, prediction, volume)
+    before = int((first[11][distractor[11]] > 0).sum())
+    assert before > 0.5 * distractor[11].sum(), "the first round should mistake the distractor for organ"
+
+    # The user erases the false positive on slice 10 and changes nothing else.
+    erased = first.copy()
+    erased[10][distractor[10]] = 0
+    mrml_bridge.labelmap_to_segmentation(
+        h.scene, h.segmentations_logic, erased, ijk_to_ras, SEGMENTS, reference_volume=volume, node=prediction
+    )
+    training = learner.training_labels(volume, user)
+    assert training.corrected == {(0, 10)}
+    assert (training.labels[10][distractor[10]] == 0).all(), "an erased voxel is background, not unknown"
+    learner.start_learning(volume, user, OPTIONS)
+    learner.run_to_completion(timeout_s=600, interval_s=0.05)
+    second, _ = mrml_bridge.segmentation_to_labelmap(h.scene, h.segmentations_logic, prediction, volume)
+    after = int((second[11][distractor[11]] > 0).sum())
+    assert after < 0.25 * before, f"false positive on slice 11: {before} voxels, after the correction {after}"
+    assert not second[10][distractor[10]].any(), "the erasure itself stays"
+
+
+def test_slices_painted_in_the_sagittal_view_train_sagittal_slices_and_land_in_place(tmp_path, hub_cache):
+    """An oblique axial volume painted in the sagittal view: each stroke is one I slice; the engine
+    learns sagittal slices and the prediction is where the organ is, in RAS. The organ sits off
+    centre on every axis, so a flipped or swapped axis would move it by several millimetres."""
+    k, j, i = np.indices(SHAPE, dtype=float)
+    organ = ((k - 4) * 2.5 / 9) ** 2 + ((j - 22) / 14) ** 2 + ((i - 20) / 12) ** 2 < 1
+    truth = organ.astype(np.uint8)
+    image = (np.where(organ, 160.0, -90.0) + np.random.default_rng(3).normal(0, 12, SHAPE)).astype(np.float32)
+    _image, _truth, ijk_to_ras = phantom()
+    headless, volume, learner = _learner_with_volume(tmp_path, image, ijk_to_ras, "sagittal painting")
+    painted = np.zeros(SHAPE, np.uint8)
+    columns = [12, 20, 27]
+    painted[:, :, columns] = truth[:, :, columns]
+    h = headless
+    user = mrml_bridge.labelmap_to_segmentation(
+        h.scene, h.segmentations_logic, painted, ijk_to_ras, SEGMENTS[:1], reference_volume=volume
+    )
+    training = learner.training_labels(volume, user)
+    assert training.painted == {(2, i) for i in columns} and training.slice_plane == "sagittal"
+    run_dir = learner.start_learning(volume, user, OPTIONS)
+    assert json.loads((run_dir / "config.json").read_text())["preprocessing"]["slice_axis"] == "sagittal"
+    prediction = learner.run_to_completion(timeout_s=600, interval_s=0.05)
+    labels, _ = mrml_bridge.segmentation_to_labelmap(h.scene, h.segmentations_logic, prediction, volume)
+    others = [i for i in range(SHAPE[2]) if i not in columns]
+    organ_dice = dice(labels[:, :, others] > 0, truth[:, :, others] > 0)
+    assert organ_dice > 0.8, f"organ Dice on the unpainted sagittal slices {organ_dice:.3f}"
+
+    def ras_centroid(mask):
+        kji = np.argwhere(mask).mean(axis=0)
+        return (ijk_to_ras @ np.array([kji[2], kji[1], kji[0], 1.0]))[:3]
+
+    # Within one slice thickness (2.5 mm) on every axis; a flipped K axis would be 7.5 mm off.
+    np.testing.assert_allclose(ras_centroid(labels > 0), ras_centroid(truth > 0), atol=2.5)
+    assert {s.plane for s in learner.suggested_slices} == {"sagittal"}
+    assert not {s.index for s in learner.suggested_slices} & set(columns)
