@@ -18,7 +18,8 @@
 
 Progress goes to stderr as a bar; ``--events -`` sends the JSON-lines stream to stdout instead
 (what the Slicer module reads), ``--events FILE`` appends it to a file. A problem with the input
-prints one line ``medtl: error: ...`` and exits with status 2.
+prints one line ``medtl: error: ...`` and exits with status 2. A stop asked for through
+``--stop-file`` (or ``$MEDTL_STOP_FILE``) emits ``cancelled`` and exits with status 3.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from medtl.errors import ConfigError, MedTLError
 from medtl.events import EventSink, TerminalProgress
+from medtl.stop import CANCELLED_EXIT_CODE, STOP_FILE_ENV, Cancelled
 
 
 def _sink(args: argparse.Namespace, run_file: Path | None = None) -> EventSink:
@@ -50,6 +53,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where to compute (default: auto)")
     p.add_argument("--events", metavar="PATH", help="JSON-lines progress: '-' for stdout, or a file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--stop-file", metavar="PATH", help=f"stop at the next step once PATH exists (or ${STOP_FILE_ENV})")
 
 
 def _add_validation_options(p: argparse.ArgumentParser) -> None:
@@ -207,8 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         sinks.append(_sink(args, run_file))
         return sinks[-1]
 
+    if getattr(args, "stop_file", None):
+        os.environ[STOP_FILE_ENV] = args.stop_file
     try:
         return _dispatch(args, make_sink)
+    except Cancelled as err:
+        print(f"medtl: {err}; the last checkpoint is kept (use --resume)", file=sys.stderr)
+        if sinks:
+            sinks[-1].emit("cancelled", message=str(err))
+        elif getattr(args, "events", None) == "-":
+            print(json.dumps({"event": "cancelled", "message": str(err)}), flush=True)
+        return CANCELLED_EXIT_CODE
     except MedTLError as err:
         if args.verbose:
             raise

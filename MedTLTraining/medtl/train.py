@@ -48,6 +48,7 @@ from medtl.events import EventSink
 from medtl.infer import memory_format
 from medtl.memory import available_memory, estimate_training_memory, gib, smaller_patch
 from medtl.models.registry import MODELS, TransferNet, build_model
+from medtl.stop import check_stop
 from medtl.strategies import param_groups, set_trainable_stages, unfrozen_stages
 
 log = logging.getLogger(__name__)
@@ -473,6 +474,8 @@ def fit(
         domain_losses: list[float] = []
         domain_hits = [0, 0]  # the domain classifier's correct answers, answers
         for batch, target_batch in zip(loader, target_loader, strict=True):
+            # Between steps: the last epoch's checkpoint is complete, and --resume continues from it.
+            check_stop(f"epoch {epoch + 1}")
             x = _tensor(batch["image"], device)
             y = _tensor(batch["label"], device)
             xt = _tensor(target_batch["image"], device) if adversary is not None else None
