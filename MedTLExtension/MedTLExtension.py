@@ -16,7 +16,7 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from MedTLExtensionLib import dependencies, mrml_bridge
+from MedTLExtensionLib import dependencies, mrml_bridge, weights_download
 from MedTLExtensionLib.engine_process import describe_event
 from MedTLExtensionLib.slice_learning import LearningOptions, SliceLearner
 from MedTLExtensionLib.training_run import NETWORKS_2D
@@ -38,6 +38,7 @@ LIB_MODULES = (
     "MedTLExtensionLib.volume_files",
     "MedTLExtensionLib.engine_process",
     "MedTLExtensionLib.dependencies",
+    "MedTLExtensionLib.weights_download",
     "MedTLExtensionLib.training_run",
     "MedTLExtensionLib.slice_learning",
 )
@@ -121,6 +122,36 @@ def ensureDependencies() -> None:
     )
     if installed:
         logging.info(f"MedTL installed: {', '.join(installed)}")
+
+
+def ensureDefaultWeights(network: str, pretrained: str = "imagenet") -> None:
+    """Downloads the ImageNet weights a first run needs, after one confirmation, with a progress dialog."""
+    if weights_download.needed_weights(network, pretrained) is None:
+        return
+    dialog = None
+
+    def confirm(text: str) -> bool:
+        # A self-test must neither block on a dialog nor download.
+        return not slicer.app.testingEnabled() and slicer.util.confirmOkCancelDisplay(
+            text, windowTitle=_("MedTL: download pretrained weights")
+        )
+
+    def progress(done: int, total: int | None) -> bool:
+        nonlocal dialog
+        if dialog is None:
+            dialog = slicer.util.createProgressDialog(
+                windowTitle=_("MedTL"), labelText=_("Downloading the ImageNet weights..."), maximum=100
+            )
+        dialog.value = int(100 * done / total) if total else 0
+        slicer.app.processEvents()
+        return not dialog.wasCanceled
+
+    try:
+        path = weights_download.ensure_weights(network, pretrained, confirm=confirm, progress=progress)
+    finally:
+        if dialog is not None:
+            dialog.close()
+    logging.info(f"MedTL downloaded {path}")
 
 
 def checkDevice(device: str) -> str:
@@ -266,6 +297,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ensureDependencies()
             p = self._parameterNode
             options = LearningOptions(epochs=p.epochs, device=checkDevice(p.device), network=p.network)
+            ensureDefaultWeights(options.network, options.pretrained)
             self.logic.learner.start_learning(p.inputVolume, p.inputSegmentation, options)
             self._onJobStarted(_("Preparing the painted slices..."))
 

@@ -246,6 +246,7 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             import MedTLExtension
 
             MedTLExtension.ensureDependencies()
+            MedTLExtension.ensureDefaultWeights(p.network, p.pretrained)
             config = self.logic.buildConfig(p, self._chosenPairs(), device=MedTLExtension.checkDevice(p.device))
             self.logic.run.start(config)
             self._onJobStarted(_("Starting training in {dir}...").format(dir=config["output_dir"]))
