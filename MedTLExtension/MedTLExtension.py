@@ -106,22 +106,33 @@ def _isSet(path: Path | str | None) -> bool:
     return path is not None and str(path) not in ("", ".")
 
 
-def ensureDependencies() -> None:
-    """Installs what the engine needs after one confirmation (both MedTL modules call this)."""
+def ensureDependencies(feature: str = "learn") -> None:
+    """Installs what ``feature`` needs after one confirmation (both MedTL modules call this)."""
 
-    def installTorch() -> bool:
+    def installTorch(torchRequirement: str, torchvisionRequirement: str) -> bool:
         import PyTorchUtils
 
-        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is not None
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=True,
+            torchVersionRequirement=torchRequirement,
+            torchvisionVersionRequirement=torchvisionRequirement,
+        )
+        return torch is not None
 
-    installed = dependencies.ensure_dependencies(
+    result = dependencies.ensure_dependencies(
+        feature,
         confirm=lambda message: slicer.util.confirmOkCancelDisplay(message, windowTitle=_("MedTL: install packages")),
         install_torch=installTorch if hasattr(slicer.modules, "pytorchutils") else None,
         pip_install=dependencies.slicer_pip_install,
         testing=slicer.app.testingEnabled(),
     )
-    if installed:
-        logging.info(f"MedTL installed: {', '.join(installed)}")
+    if result.installed:
+        logging.info(f"MedTL installed: {', '.join(result.installed)}")
+    if result.restart_needed and slicer.util.confirmYesNoDisplay(
+        _("Packages that were already loaded were updated. Restart Slicer now so that MedTL uses them?"),
+        windowTitle=_("MedTL: restart needed"),
+    ):
+        slicer.util.restart()
 
 
 def ensureDefaultWeights(network: str, pretrained: str = "imagenet") -> None:
@@ -154,12 +165,22 @@ def ensureDefaultWeights(network: str, pretrained: str = "imagenet") -> None:
     logging.info(f"MedTL downloaded {path}")
 
 
+_warnedDevices: set[str] = set()
+
+
 def checkDevice(device: str) -> str:
-    """Where a run on ``device`` will compute; a visible warning when the GPU cannot be used."""
+    """Where a run on ``device`` will compute, from the session's background device check.
+
+    Never waits: while the check is still running the engine decides itself (and says so in the
+    status line). A GPU that cannot be used is explained once per session.
+    """
     if device == "cpu":
         return device
-    report = dependencies.check_device(device)
-    if report.get("warning"):
+    report = dependencies.DEVICE_CHECK.report(device)
+    if report is None:
+        return device
+    if report.get("warning") and device not in _warnedDevices:
+        _warnedDevices.add(device)
         slicer.util.warningDisplay(
             _(
                 "{warning}.\n\nMedTL will train on the CPU (slower). To use the GPU, reinstall PyTorch for it in"
@@ -167,7 +188,7 @@ def checkDevice(device: str) -> str:
             ).format(warning=report["warning"]),
             windowTitle=_("MedTL: GPU not usable"),
         )
-    return report["device"]
+    return report.get("device", device)
 
 
 #
@@ -214,6 +235,9 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.connect("timeout()", self.onPollTimer)
 
         self.initializeParameterNode()
+        # Once per session, in the background: the answer is ready when the user starts a run.
+        if dependencies.installed_version("torch"):
+            dependencies.DEVICE_CHECK.start(self._parameterNode.device)
 
     def cleanup(self) -> None:
         if self._pollTimer is not None:
