@@ -32,7 +32,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 LIB_MODULES = (
     "MedTLExtensionLib.mrml_bridge",
     "MedTLExtensionLib.volume_files",

@@ -103,6 +103,8 @@ def engine_environment(extra: Mapping[str, str] | None = None, base: Mapping[str
     # The engine must be importable in the child even when it is not pip-installed (Slicer).
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ENGINE_DIR), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
+    # Apple Silicon: operators MPS lacks run on the CPU; torch reads this when it loads.
+    env.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     return env
 
 

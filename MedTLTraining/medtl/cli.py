@@ -50,7 +50,9 @@ def _sink(args: argparse.Namespace, run_file: Path | None = None) -> EventSink:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where to compute (default: auto)")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda", "mps"], default=None, help="where to compute (default: auto)"
+    )
     p.add_argument("--events", metavar="PATH", help="JSON-lines progress: '-' for stdout, or a file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--stop-file", metavar="PATH", help=f"stop at the next step once PATH exists (or ${STOP_FILE_ENV})")
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("device", help="say where a run would compute, and why not on the GPU (JSON)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
 
     p = sub.add_parser("info", help="describe a model package")
     p.add_argument("package")
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if getattr(args, "stop_file", None):
         os.environ[STOP_FILE_ENV] = args.stop_file
+    # Read when torch loads its MPS backend, so before any torch import (see medtl.devices).
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     try:
         return _dispatch(args, make_sink)
     except Cancelled as err:

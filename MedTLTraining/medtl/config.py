@@ -30,7 +30,7 @@ Augmentation = Literal["none", "light", "standard", "strong"]
 Loss = Literal["dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal", "bce"]
 SEGMENTATION_LOSSES = ("dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal")
 CLASSIFICATION_LOSSES = ("ce", "ce_weighted", "focal", "bce")
-Device = Literal["auto", "cpu", "cuda"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
 AdaptationMethod = Literal["none", "adabn", "dsbn", "dann"]
 
 

@@ -43,6 +43,7 @@ from medtl.adaptation.dsbn import DomainBatchSampler, convert_to_dsbn, domain_la
 from medtl.config import RunConfig
 from medtl.data.io import atomic_path
 from medtl.data.presets import training_transform
+from medtl.devices import cuda_problem, device_report, resolve_device  # noqa: F401 - re-exported for callers
 from medtl.errors import ConfigError, DataError, MedTLError
 from medtl.events import EventSink
 from medtl.infer import memory_format
@@ -55,60 +56,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
-
-
-def resolve_device(name: str, events: EventSink | None = None) -> torch.device:
-    """``auto`` picks CUDA when this torch can run on the GPU, else the CPU.
-
-    Falling back is a visible warning when the user asked for CUDA or a GPU is present but this
-    torch cannot use it; on a machine without a GPU, ``auto`` means the CPU and says nothing.
-    """
-    report = device_report(name)
-    if report["warning"]:
-        log.warning(report["warning"])
-        if events is not None:
-            events.emit("warning", message=report["warning"])
-    return torch.device(report["device"])
-
-
-def cuda_problem() -> str | None:
-    """Why this torch cannot use the GPU, or ``None`` when it can."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is available to this torch build"
-    major, minor = torch.cuda.get_device_capability(0)
-    arch = f"sm_{major}{minor}"
-    built = torch.cuda.get_arch_list()
-    if built and arch not in built and f"compute_{major}{minor}" not in built:
-        return (
-            f"this torch build supports {', '.join(built)} but the GPU is {arch}; "
-            "install a torch build for this GPU (in Slicer: the PyTorch extension's PyTorchUtils)"
-        )
-    return None
-
-
-def device_report(name: str = "auto") -> dict[str, Any]:
-    """Where a run asked to compute on ``name`` would compute, and the GPU facts behind it.
-
-    ``warning`` is the visible message of :func:`resolve_device` (None when there is nothing to
-    say); the Slicer modules show it before a run starts.
-    """
-    problem = None if name == "cpu" else cuda_problem()
-    device = "cpu" if name == "cpu" or problem is not None else "cuda"
-    warning = None
-    if device == "cpu" and name != "cpu" and (name == "cuda" or torch.cuda.is_available()):
-        warning = f"{'CUDA requested but ' if name == 'cuda' else ''}{problem}; running on the CPU"
-    report: dict[str, Any] = {
-        "requested": name,
-        "device": device,
-        "warning": warning,
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "built_archs": torch.cuda.get_arch_list() if torch.cuda.is_available() else [],
-    }
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(0)
-        report.update(gpu=torch.cuda.get_device_name(0), capability=f"sm_{major}{minor}")
-    return report
 
 
 def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> torch.Tensor:
