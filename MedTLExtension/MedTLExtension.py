@@ -243,7 +243,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._pollTimer is not None:
             self._pollTimer.stop()
         if self.logic is not None:
-            self.logic.learner.cancel()
+            self.logic.learner.close()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -258,6 +258,13 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # A job's result must not be imported against volumes the closed scene removed.
+        if self.logic is not None and self.logic.learner.is_running:
+            self._pollTimer.stop()
+            self.ui.progressBar.hide()
+            self.ui.statusLabel.text = _("Stopped: the scene was closed.")
+        if self.logic is not None:
+            self.logic.learner.on_scene_closed()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:

@@ -354,6 +354,15 @@ class EngineJob:
         self.cancelled = True
         self.process.cancel()
 
+    def kill(self) -> None:
+        """Kills the engine's process tree now (module cleanup, application exit)."""
+        self.cancelled = True
+        kill = getattr(self.process, "kill", None)
+        if kill is not None:
+            kill()
+        else:
+            self.process.cancel()
+
     def poll(self) -> list[dict[str, Any]]:
         """New events; sets :attr:`finished` once the process has ended and all its output is read.
 
