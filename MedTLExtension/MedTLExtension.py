@@ -16,7 +16,7 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from MedTLExtensionLib import dependencies, mrml_bridge, weights_download
+from MedTLExtensionLib import dependencies, mrml_bridge, run_folders, weights_download
 from MedTLExtensionLib.engine_process import describe_event
 from MedTLExtensionLib.slice_learning import LearningOptions, SliceLearner
 from MedTLExtensionLib.training_run import NETWORKS_2D
@@ -39,6 +39,7 @@ LIB_MODULES = (
     "MedTLExtensionLib.engine_process",
     "MedTLExtensionLib.dependencies",
     "MedTLExtensionLib.weights_download",
+    "MedTLExtensionLib.run_folders",
     "MedTLExtensionLib.training_run",
     "MedTLExtensionLib.slice_learning",
 )
@@ -206,6 +207,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode: MedTLExtensionParameterNode | None = None
         self._parameterNodeGuiTag = None
         self._pollTimer: qt.QTimer | None = None
+        self._showOverlays = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -227,6 +229,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.adaptButton.connect("clicked(bool)", self.onAdaptButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.cleanRunsButton.connect("clicked(bool)", self.onCleanRunsButton)
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.hide()
 
@@ -322,6 +325,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = hasVolume and _isSet(node.modelPackage) and not running
         self.ui.adaptButton.enabled = self.ui.applyButton.enabled
         self.ui.cancelButton.enabled = running
+        self.ui.cleanRunsButton.enabled = not running
 
     def onLearnButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not start learning from the painted slices."), waitCursor=True):
@@ -330,6 +334,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             options = LearningOptions(epochs=p.epochs, device=checkDevice(p.device), network=p.network)
             ensureDefaultWeights(options.network, options.pretrained)
             self.logic.learner.start_learning(p.inputVolume, p.inputSegmentation, options)
+            self._showOverlays = False
             self._onJobStarted(_("Preparing the painted slices..."))
 
     def onApplyButton(self) -> None:
@@ -345,6 +350,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 gradcam=p.showGradCam,
                 domain=p.site.strip(),
             )
+            self._showOverlays = True
             self._onJobStarted(_("Segmenting the volume..."))
 
     def onAdaptButton(self) -> None:
@@ -368,6 +374,24 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancelButton(self) -> None:
         self.logic.learner.cancel()
+
+    def onCleanRunsButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not clean up the run folders."), waitCursor=True):
+            keep = [self._parameterNode.modelPackage if self._parameterNode else None, self.logic.learner.last_package]
+            root = self.logic.learner.work_root
+            preview = run_folders.clean_run_folders(root, keep=keep, dry_run=True)
+            if not preview.removed:
+                slicer.util.infoDisplay(_("There are no old run folders to delete in {root}.").format(root=root))
+                return
+            if not slicer.util.confirmOkCancelDisplay(
+                _("Delete {count} run folders ({size:.0f} MB) in {root}? Models saved in them are deleted too.").format(
+                    count=len(preview.removed), size=preview.freed / 1e6, root=root
+                ),
+                windowTitle=_("MedTL: clean up old runs"),
+            ):
+                return
+            done = run_folders.clean_run_folders(root, keep=keep)
+            self.ui.statusLabel.text = _("Deleted {count} run folders.").format(count=len(done.removed))
 
     def _onJobStarted(self, message: str) -> None:
         self.ui.progressBar.value = 0
@@ -416,7 +440,10 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showResult(self, learner: SliceLearner) -> None:
         volume = self._parameterNode.inputVolume if self._parameterNode else None
-        overlay = learner.gradcam_volume or learner.uncertainty_volume or learner.probability_volume
+        # The overlays belong to the last Apply; a learned round has none (an older one would be stale).
+        overlay = None
+        if self._showOverlays:
+            overlay = learner.gradcam_volume or learner.uncertainty_volume or learner.probability_volume
         slicer.util.setSliceViewerLayers(
             background=volume, foreground=overlay, foregroundOpacity=0.4 if overlay else None
         )
