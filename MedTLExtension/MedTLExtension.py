@@ -16,7 +16,7 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from MedTLExtensionLib import dependencies, mrml_bridge, run_folders, weights_download
+from MedTLExtensionLib import dependencies, mrml_bridge, run_folders, terminology, weights_download
 from MedTLExtensionLib.engine_process import describe_event
 from MedTLExtensionLib.slice_learning import LearningOptions, SliceLearner
 from MedTLExtensionLib.training_run import NETWORKS_2D
@@ -40,6 +40,7 @@ LIB_MODULES = (
     "MedTLExtensionLib.dependencies",
     "MedTLExtensionLib.weights_download",
     "MedTLExtensionLib.run_folders",
+    "MedTLExtensionLib.terminology",
     "MedTLExtensionLib.training_run",
     "MedTLExtensionLib.slice_learning",
 )
@@ -440,6 +441,9 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showResult(self, learner: SliceLearner) -> None:
         volume = self._parameterNode.inputVolume if self._parameterNode else None
+        userSegmentation = self._parameterNode.inputSegmentation if self._parameterNode else None
+        if userSegmentation is not None and userSegmentation is not learner.result_segmentation:
+            terminology.copy_terminology(userSegmentation, learner.result_segmentation)
         # The overlays belong to the last Apply; a learned round has none (an older one would be stale).
         overlay = None
         if self._showOverlays:
