@@ -16,7 +16,7 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from MedTLExtensionLib import dependencies, mrml_bridge
+from MedTLExtensionLib import dependencies, mrml_bridge, run_folders, terminology, weights_download
 from MedTLExtensionLib.engine_process import describe_event
 from MedTLExtensionLib.slice_learning import LearningOptions, SliceLearner
 from MedTLExtensionLib.training_run import NETWORKS_2D
@@ -32,12 +32,15 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 LIB_MODULES = (
     "MedTLExtensionLib.mrml_bridge",
     "MedTLExtensionLib.volume_files",
     "MedTLExtensionLib.engine_process",
     "MedTLExtensionLib.dependencies",
+    "MedTLExtensionLib.weights_download",
+    "MedTLExtensionLib.run_folders",
+    "MedTLExtensionLib.terminology",
     "MedTLExtensionLib.training_run",
     "MedTLExtensionLib.slice_learning",
 )
@@ -105,30 +108,81 @@ def _isSet(path: Path | str | None) -> bool:
     return path is not None and str(path) not in ("", ".")
 
 
-def ensureDependencies() -> None:
-    """Installs what the engine needs after one confirmation (both MedTL modules call this)."""
+def ensureDependencies(feature: str = "learn") -> None:
+    """Installs what ``feature`` needs after one confirmation (both MedTL modules call this)."""
 
-    def installTorch() -> bool:
+    def installTorch(torchRequirement: str, torchvisionRequirement: str) -> bool:
         import PyTorchUtils
 
-        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is not None
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=True,
+            torchVersionRequirement=torchRequirement,
+            torchvisionVersionRequirement=torchvisionRequirement,
+        )
+        return torch is not None
 
-    installed = dependencies.ensure_dependencies(
+    result = dependencies.ensure_dependencies(
+        feature,
         confirm=lambda message: slicer.util.confirmOkCancelDisplay(message, windowTitle=_("MedTL: install packages")),
         install_torch=installTorch if hasattr(slicer.modules, "pytorchutils") else None,
         pip_install=dependencies.slicer_pip_install,
         testing=slicer.app.testingEnabled(),
     )
-    if installed:
-        logging.info(f"MedTL installed: {', '.join(installed)}")
+    if result.installed:
+        logging.info(f"MedTL installed: {', '.join(result.installed)}")
+    if result.restart_needed and slicer.util.confirmYesNoDisplay(
+        _("Packages that were already loaded were updated. Restart Slicer now so that MedTL uses them?"),
+        windowTitle=_("MedTL: restart needed"),
+    ):
+        slicer.util.restart()
+
+
+def ensureDefaultWeights(network: str, pretrained: str = "imagenet") -> None:
+    """Downloads the ImageNet weights a first run needs, after one confirmation, with a progress dialog."""
+    if weights_download.needed_weights(network, pretrained) is None:
+        return
+    dialog = None
+
+    def confirm(text: str) -> bool:
+        # A self-test must neither block on a dialog nor download.
+        return not slicer.app.testingEnabled() and slicer.util.confirmOkCancelDisplay(
+            text, windowTitle=_("MedTL: download pretrained weights")
+        )
+
+    def progress(done: int, total: int | None) -> bool:
+        nonlocal dialog
+        if dialog is None:
+            dialog = slicer.util.createProgressDialog(
+                windowTitle=_("MedTL"), labelText=_("Downloading the ImageNet weights..."), maximum=100
+            )
+        dialog.value = int(100 * done / total) if total else 0
+        slicer.app.processEvents()
+        return not dialog.wasCanceled
+
+    try:
+        path = weights_download.ensure_weights(network, pretrained, confirm=confirm, progress=progress)
+    finally:
+        if dialog is not None:
+            dialog.close()
+    logging.info(f"MedTL downloaded {path}")
+
+
+_warnedDevices: set[str] = set()
 
 
 def checkDevice(device: str) -> str:
-    """Where a run on ``device`` will compute; a visible warning when the GPU cannot be used."""
+    """Where a run on ``device`` will compute, from the session's background device check.
+
+    Never waits: while the check is still running the engine decides itself (and says so in the
+    status line). A GPU that cannot be used is explained once per session.
+    """
     if device == "cpu":
         return device
-    report = dependencies.check_device(device)
-    if report.get("warning"):
+    report = dependencies.DEVICE_CHECK.report(device)
+    if report is None:
+        return device
+    if report.get("warning") and device not in _warnedDevices:
+        _warnedDevices.add(device)
         slicer.util.warningDisplay(
             _(
                 "{warning}.\n\nMedTL will train on the CPU (slower). To use the GPU, reinstall PyTorch for it in"
@@ -136,7 +190,7 @@ def checkDevice(device: str) -> str:
             ).format(warning=report["warning"]),
             windowTitle=_("MedTL: GPU not usable"),
         )
-    return report["device"]
+    return report.get("device", device)
 
 
 #
@@ -154,6 +208,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode: MedTLExtensionParameterNode | None = None
         self._parameterNodeGuiTag = None
         self._pollTimer: qt.QTimer | None = None
+        self._showOverlays = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -175,6 +230,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.adaptButton.connect("clicked(bool)", self.onAdaptButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.cleanRunsButton.connect("clicked(bool)", self.onCleanRunsButton)
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.hide()
 
@@ -183,12 +239,15 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.connect("timeout()", self.onPollTimer)
 
         self.initializeParameterNode()
+        # Once per session, in the background: the answer is ready when the user starts a run.
+        if dependencies.installed_version("torch"):
+            dependencies.DEVICE_CHECK.start(self._parameterNode.device)
 
     def cleanup(self) -> None:
         if self._pollTimer is not None:
             self._pollTimer.stop()
         if self.logic is not None:
-            self.logic.learner.cancel()
+            self.logic.learner.close()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -203,6 +262,13 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # A job's result must not be imported against volumes the closed scene removed.
+        if self.logic is not None and self.logic.learner.is_running:
+            self._pollTimer.stop()
+            self.ui.progressBar.hide()
+            self.ui.statusLabel.text = _("Stopped: the scene was closed.")
+        if self.logic is not None:
+            self.logic.learner.on_scene_closed()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -260,13 +326,16 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = hasVolume and _isSet(node.modelPackage) and not running
         self.ui.adaptButton.enabled = self.ui.applyButton.enabled
         self.ui.cancelButton.enabled = running
+        self.ui.cleanRunsButton.enabled = not running
 
     def onLearnButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not start learning from the painted slices."), waitCursor=True):
             ensureDependencies()
             p = self._parameterNode
             options = LearningOptions(epochs=p.epochs, device=checkDevice(p.device), network=p.network)
+            ensureDefaultWeights(options.network, options.pretrained)
             self.logic.learner.start_learning(p.inputVolume, p.inputSegmentation, options)
+            self._showOverlays = False
             self._onJobStarted(_("Preparing the painted slices..."))
 
     def onApplyButton(self) -> None:
@@ -282,6 +351,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 gradcam=p.showGradCam,
                 domain=p.site.strip(),
             )
+            self._showOverlays = True
             self._onJobStarted(_("Segmenting the volume..."))
 
     def onAdaptButton(self) -> None:
@@ -305,6 +375,24 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancelButton(self) -> None:
         self.logic.learner.cancel()
+
+    def onCleanRunsButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not clean up the run folders."), waitCursor=True):
+            keep = [self._parameterNode.modelPackage if self._parameterNode else None, self.logic.learner.last_package]
+            root = self.logic.learner.work_root
+            preview = run_folders.clean_run_folders(root, keep=keep, dry_run=True)
+            if not preview.removed:
+                slicer.util.infoDisplay(_("There are no old run folders to delete in {root}.").format(root=root))
+                return
+            if not slicer.util.confirmOkCancelDisplay(
+                _("Delete {count} run folders ({size:.0f} MB) in {root}? Models saved in them are deleted too.").format(
+                    count=len(preview.removed), size=preview.freed / 1e6, root=root
+                ),
+                windowTitle=_("MedTL: clean up old runs"),
+            ):
+                return
+            done = run_folders.clean_run_folders(root, keep=keep)
+            self.ui.statusLabel.text = _("Deleted {count} run folders.").format(count=len(done.removed))
 
     def _onJobStarted(self, message: str) -> None:
         self.ui.progressBar.value = 0
@@ -353,7 +441,13 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showResult(self, learner: SliceLearner) -> None:
         volume = self._parameterNode.inputVolume if self._parameterNode else None
-        overlay = learner.gradcam_volume or learner.uncertainty_volume or learner.probability_volume
+        userSegmentation = self._parameterNode.inputSegmentation if self._parameterNode else None
+        if userSegmentation is not None and userSegmentation is not learner.result_segmentation:
+            terminology.copy_terminology(userSegmentation, learner.result_segmentation)
+        # The overlays belong to the last Apply; a learned round has none (an older one would be stale).
+        overlay = None
+        if self._showOverlays:
+            overlay = learner.gradcam_volume or learner.uncertainty_volume or learner.probability_volume
         slicer.util.setSliceViewerLayers(
             background=volume, foreground=overlay, foregroundOpacity=0.4 if overlay else None
         )

@@ -245,7 +245,8 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             import MedTLExtension
 
-            MedTLExtension.ensureDependencies()
+            MedTLExtension.ensureDependencies("train")
+            MedTLExtension.ensureDefaultWeights(p.network, p.pretrained)
             config = self.logic.buildConfig(p, self._chosenPairs(), device=MedTLExtension.checkDevice(p.device))
             self.logic.run.start(config)
             self._onJobStarted(_("Starting training in {dir}...").format(dir=config["output_dir"]))
@@ -254,7 +255,7 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not resume training."), waitCursor=True):
             import MedTLExtension
 
-            MedTLExtension.ensureDependencies()
+            MedTLExtension.ensureDependencies("train")
             device = MedTLExtension.checkDevice(self._parameterNode.device)
             self.logic.run.resume(self._parameterNode.outputDirectory, device=device)
             self._onJobStarted(_("Resuming from the last checkpoint..."))
@@ -407,7 +408,7 @@ class MedTLTrainingTest(ScriptedLoadableModuleTest):
         import MedTLExtension
 
         self.delayDisplay("Training from two scene pairs")
-        MedTLExtension.ensureDependencies()
+        MedTLExtension.ensureDependencies("train")
         rng = np.random.default_rng(0)
         for index in range(2):
             j, i = np.indices((48, 48))

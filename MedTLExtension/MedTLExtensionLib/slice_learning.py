@@ -633,6 +633,29 @@ class SliceLearner:
         self.result_segmentation = node
         return node
 
+    # ------------------------------------------------------------------ lifecycle
+
+    def on_scene_closed(self) -> None:
+        """The scene is closing: the running job is stopped and forgotten, so its result is never
+        imported against a volume that is gone, and nothing refers to the scene's nodes any more.
+
+        Returns at once; the engine stops in the background (see :meth:`EngineProcess.cancel`).
+        The run directory and the last model package are kept.
+        """
+        job, self._job = self._job, None
+        if job is not None:
+            job.engine.cancel()
+        self._review = None
+        self.result_segmentation = None
+        self.probability_volume = self.uncertainty_volume = self.gradcam_volume = None
+
+    def close(self) -> None:
+        """Module cleanup and application exit: the engine's process tree is killed now (there is no
+        time for a graceful stop; the last checkpoint was written atomically)."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.engine.kill()
+
 
 @dataclass(frozen=True)
 class SliceSuggestion:

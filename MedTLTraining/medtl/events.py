@@ -9,6 +9,7 @@ Every event is one JSON object on one line with at least ``"event"`` and ``"time
 - ``warning``: ``message``
 - ``done``: ``run_dir`` plus results (``package``, ``metrics``)
 - ``error``: ``message``
+- ``cancelled``: ``message`` (a requested stop, see :mod:`medtl.stop`)
 
 Example:
     >>> sink = EventSink(stream=None)

@@ -44,6 +44,7 @@ from medtl.config import RunConfig
 from medtl.data.io import atomic_path
 from medtl.data.partial_labels import known_fraction
 from medtl.data.presets import default_class_ratios, training_transform
+from medtl.devices import cuda_problem, device_report, resolve_device  # noqa: F401 - re-exported for callers
 from medtl.errors import ConfigError, DataError, MedTLError
 from medtl.evaluate import dice_per_class  # noqa: F401  (the Dice every part of MedTL reports)
 from medtl.events import EventSink
@@ -51,66 +52,13 @@ from medtl.infer import memory_format
 from medtl.losses import class_weights, make_loss
 from medtl.memory import available_memory, estimate_training_memory, gib, smaller_patch
 from medtl.models.registry import MODELS, TransferNet, build_model
+from medtl.stop import check_stop
 from medtl.strategies import param_groups, set_trainable_stages, unfrozen_stages
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
-
-
-def resolve_device(name: str, events: EventSink | None = None) -> torch.device:
-    """``auto`` picks CUDA when this torch can run on the GPU, else the CPU.
-
-    Falling back is a visible warning when the user asked for CUDA or a GPU is present but this
-    torch cannot use it; on a machine without a GPU, ``auto`` means the CPU and says nothing.
-    """
-    report = device_report(name)
-    if report["warning"]:
-        log.warning(report["warning"])
-        if events is not None:
-            events.emit("warning", message=report["warning"])
-    return torch.device(report["device"])
-
-
-def cuda_problem() -> str | None:
-    """Why this torch cannot use the GPU, or ``None`` when it can."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is available to this torch build"
-    major, minor = torch.cuda.get_device_capability(0)
-    arch = f"sm_{major}{minor}"
-    built = torch.cuda.get_arch_list()
-    if built and arch not in built and f"compute_{major}{minor}" not in built:
-        return (
-            f"this torch build supports {', '.join(built)} but the GPU is {arch}; "
-            "install a torch build for this GPU (in Slicer: the PyTorch extension's PyTorchUtils)"
-        )
-    return None
-
-
-def device_report(name: str = "auto") -> dict[str, Any]:
-    """Where a run asked to compute on ``name`` would compute, and the GPU facts behind it.
-
-    ``warning`` is the visible message of :func:`resolve_device` (None when there is nothing to
-    say); the Slicer modules show it before a run starts.
-    """
-    problem = None if name == "cpu" else cuda_problem()
-    device = "cpu" if name == "cpu" or problem is not None else "cuda"
-    warning = None
-    if device == "cpu" and name != "cpu" and (name == "cuda" or torch.cuda.is_available()):
-        warning = f"{'CUDA requested but ' if name == 'cuda' else ''}{problem}; running on the CPU"
-    report: dict[str, Any] = {
-        "requested": name,
-        "device": device,
-        "warning": warning,
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "built_archs": torch.cuda.get_arch_list() if torch.cuda.is_available() else [],
-    }
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(0)
-        report.update(gpu=torch.cuda.get_device_name(0), capability=f"sm_{major}{minor}")
-    return report
 
 
 def lr_factor(step: int, *, total: int, warmup: int) -> float:
@@ -399,6 +347,8 @@ def fit(
         domain_losses: list[float] = []
         domain_hits = [0, 0]  # the domain classifier's correct answers, answers
         for batch, target_batch in zip(loader, target_loader, strict=True):
+            # Between steps: the last epoch's checkpoint is complete, and --resume continues from it.
+            check_stop(f"epoch {epoch + 1}")
             x = _tensor(batch["image"], device)
             y = _tensor(batch["label"], device)
             xt = _tensor(target_batch["image"], device) if adversary is not None else None

