@@ -18,7 +18,7 @@ import slicer
 import vtk
 from MedTLExtensionLib import dependencies, mrml_bridge, run_folders, terminology, weights_download
 from MedTLExtensionLib.engine_process import describe_event
-from MedTLExtensionLib.slice_learning import LearningOptions, SliceLearner
+from MedTLExtensionLib.slice_learning import SLICE_VIEWS, LearningOptions, SliceLearner, slice_center_ras
 from MedTLExtensionLib.training_run import NETWORKS_2D
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
@@ -231,6 +231,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.adaptButton.connect("clicked(bool)", self.onAdaptButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.cleanRunsButton.connect("clicked(bool)", self.onCleanRunsButton)
+        self.ui.nextSliceButton.connect("clicked(bool)", self.onNextSliceButton)
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.hide()
 
@@ -424,7 +425,34 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelPackage = learner.last_package
         if learner.result_segmentation is not None:
             self._showResult(learner)
+        self._showSuggestions(learner)
         self._updateButtons()
+
+    def _showSuggestions(self, learner: SliceLearner) -> None:
+        self.ui.nextSliceComboBox.clear()
+        for suggestion in learner.suggested_slices:
+            self.ui.nextSliceComboBox.addItem(
+                _("{plane} slice {index} (uncertainty {score:.2f})").format(
+                    plane=_(suggestion.plane), index=suggestion.index, score=suggestion.uncertainty
+                )
+            )
+        hasSuggestions = bool(learner.suggested_slices)
+        self.ui.nextSliceComboBox.enabled = hasSuggestions
+        self.ui.nextSliceButton.enabled = hasSuggestions
+
+    def onNextSliceButton(self) -> None:
+        learner = self.logic.learner
+        index = self.ui.nextSliceComboBox.currentIndex
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        if volume is None or not 0 <= index < len(learner.suggested_slices):
+            return
+        suggestion = learner.suggested_slices[index]
+        ras = slice_center_ras(volume, suggestion.axis, suggestion.index)
+        sliceWidget = slicer.app.layoutManager().sliceWidget(SLICE_VIEWS[suggestion.plane])
+        if sliceWidget is not None:
+            sliceWidget.mrmlSliceNode().JumpSliceByOffsetting(*ras)
+        else:  # a layout without that view: every view goes through the slice's centre
+            slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *ras)
 
     @staticmethod
     def _describe(event: dict) -> tuple[int | None, str]:
@@ -556,6 +584,7 @@ class MedTLExtensionTest(ScriptedLoadableModuleTest):
         self.delayDisplay(f"Dice on unpainted slices: {dice:.3f}")
         self.assertGreater(dice, 0.8)
         np.testing.assert_array_equal(self.labels(painted, volume), before, err_msg="the user's paint was modified")
+        self.assertTrue(learner.suggested_slices, "a round names the slices to paint next")
 
         self.delayDisplay("Correcting slice 4 and learning again from the last model")
         corrected = predicted.copy()
