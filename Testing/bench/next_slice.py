@@ -24,26 +24,31 @@ import argparse
 import copy
 import json
 import platform
+import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-import torch
-from medtl.config import RunConfig
-from medtl.data.io import atomic_write_text
-from medtl.data.lits_demo import LABEL_NAMES, load_demo_case
-from medtl.data.partial_labels import UNKNOWN
-from medtl.data.slices import slice_items, spread_slices
-from medtl.evaluate import dice_per_class
-from medtl.events import EventSink
-from medtl.infer import normalised_entropy, predict_slices
-from medtl.models.weights import seed_offline_weights
-from medtl.package import preprocess
-from medtl.train import fit
-from MedTLExtensionLib.slice_learning import suggest_slices
+REPO = Path(__file__).resolve().parents[2]
+for sub in ("MedTLTraining", "MedTLExtension"):
+    sys.path.insert(0, str(REPO / sub))
+
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
+from medtl.config import RunConfig  # noqa: E402
+from medtl.data.io import atomic_write_text  # noqa: E402
+from medtl.data.lits_demo import LABEL_NAMES, load_demo_case  # noqa: E402
+from medtl.data.partial_labels import UNKNOWN  # noqa: E402
+from medtl.data.slices import slice_items, spread_slices  # noqa: E402
+from medtl.evaluate import dice_per_class  # noqa: E402
+from medtl.events import EventSink  # noqa: E402
+from medtl.infer import normalised_entropy, predict_slices  # noqa: E402
+from medtl.models.weights import seed_offline_weights  # noqa: E402
+from medtl.package import preprocess  # noqa: E402
+from medtl.train import fit  # noqa: E402
+from MedTLExtensionLib.slice_learning import suggest_slices  # noqa: E402
 
 STRATEGIES = ("suggested", "evenly")
 

@@ -15,6 +15,7 @@ BENCHMARKS = [
     "performance.py",  # MedTL's overhead: training, inference, the MRML bridge, peak memory
     "strategies.py",  # the transfer-learning strategy study (segmentation and classification)
     "adaptation.py",  # the domain-adaptation study (AdaBN, DSBN, DANN on simulated scanner shifts)
+    "next_slice.py",  # "paint this slice next" against evenly spaced corrections on the demo CT
 ]
 
 
