@@ -15,7 +15,6 @@ _EXPORTS = {
     "SegmentSpec": "mrml_bridge",
     "array_to_volume": "mrml_bridge",
     "labelmap_to_segmentation": "mrml_bridge",
-    "painted_slices": "mrml_bridge",
     "segmentation_to_labelmap": "mrml_bridge",
     "volume_to_array": "mrml_bridge",
     "EngineJob": "engine_process",

@@ -42,7 +42,6 @@ __all__ = [
     "ijk_to_ras_of",
     "labelmap_to_segmentation",
     "list_segment_ids",
-    "painted_slices",
     "replace_segment_voxels",
     "segmentation_to_labelmap",
     "volume_to_array",
@@ -380,33 +379,6 @@ def replace_segment_voxels(
         slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE,
         image.GetExtent(),
     )
-
-
-def painted_slices(label_array: np.ndarray, axis: int = 0) -> list[int]:
-    """Indices of the slices along ``axis`` that hold at least one nonzero voxel.
-
-    Args:
-        label_array: Labels in KJI order (axis 0 is K, the slice axis of an axial scan).
-        axis: Array axis to walk along; negative values count from the end.
-
-    Returns:
-        Sorted slice indices, e.g. the slices a user painted in a sparse annotation.
-
-    Raises:
-        ValueError: If ``axis`` is not an axis of ``label_array``.
-
-    Example:
-        >>> labels = np.zeros((5, 4, 4), np.uint8)
-        >>> labels[1, 2, 2] = labels[3, 0, 0] = 1
-        >>> painted_slices(labels)
-        [1, 3]
-    """
-    array = np.asarray(label_array)
-    if not -array.ndim <= axis < array.ndim:
-        raise ValueError(f"axis {axis} is out of range for an array with {array.ndim} dimensions")
-    other_axes = tuple(a for a in range(array.ndim) if a != axis % array.ndim)
-    painted = np.any(array != 0, axis=other_axes)
-    return [int(index) for index in np.flatnonzero(painted)]
 
 
 # --------------------------------------------------------------------------- helpers

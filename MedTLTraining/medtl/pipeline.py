@@ -74,7 +74,13 @@ def _cached(cfg: RunConfig, files: list, kind: str, make) -> dict[str, np.ndarra
         return make()
     from medtl.data.cache import PreprocessedCache, cache_key
 
-    what = {"kind": kind, "preprocessing": dataclasses.asdict(cfg.preprocessing), "dims": cfg.spatial_dims}
+    what = {
+        "kind": kind,
+        "preprocessing": dataclasses.asdict(cfg.preprocessing),
+        "dims": cfg.spatial_dims,
+        # A resampled label is another array than a refused one: never served for the other setting.
+        "resample_labels": cfg.data.resample_labels,
+    }
     return PreprocessedCache(cfg.data.cache_dir).arrays(cache_key(files, what), make)
 
 

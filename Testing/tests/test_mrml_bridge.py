@@ -21,7 +21,6 @@ from MedTLExtensionLib.mrml_bridge import (  # noqa: E402
     MAX_LABEL_VALUE,
     array_to_volume,
     labelmap_to_segmentation,
-    painted_slices,
     segmentation_to_labelmap,
     volume_to_array,
 )
@@ -274,20 +273,6 @@ def test_clear_errors_for_bad_input(headless, reference_volume):
     node.GetSegmentation().GetSegment(segment_ids(node)[0]).SetTag(LABEL_VALUE_TAG, "5")
     with pytest.raises(ValueError, match="both have label value 5"):
         segmentation_to_labelmap(headless.scene, logic, node, reference_volume)
-
-
-def test_painted_slices_finds_exactly_the_painted_slices():
-    labels = np.zeros(SHAPE, np.int16)
-    labels[1, 5, 5] = 3
-    labels[4, 0:2, 7] = 1
-    labels[8, 10, 12] = -1  # any nonzero value counts as painted
-
-    assert painted_slices(labels) == [1, 4, 8]
-    assert painted_slices(labels, axis=2) == [5, 7, 12]
-    assert painted_slices(labels, axis=-2) == [0, 1, 5, 10]
-    assert painted_slices(np.zeros(SHAPE)) == []
-    with pytest.raises(ValueError, match="axis"):
-        painted_slices(labels, axis=3)
 
 
 def test_second_segmentation_leaves_the_first_bit_identical(headless, reference_volume):
