@@ -18,12 +18,14 @@ import SimpleITK as sitk
 import torch
 
 from medtl.config import RunConfig
+from medtl.data.checks import checked_image, checked_label
 from medtl.data.dataset import Case, load_cases
 from medtl.data.io import atomic_write_text, read_image
 from medtl.data.slices import slice_items
 from medtl.errors import DataError
 from medtl.events import EventSink
 from medtl.package import preprocess, save_package, working_image
+from medtl.run_folder import check_resume
 from medtl.train import dice_per_class, fit, resolve_device
 
 
@@ -33,8 +35,8 @@ def load_case_arrays(case: Case, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray
     files and the preprocessing are unchanged."""
 
     def make() -> dict[str, np.ndarray]:
-        image = read_image(case.image)
-        label_image = read_image(case.label)
+        image = checked_image(read_image(case.image), case.image, row=case.row, policy=cfg.preprocessing.nan_policy)
+        label_image = checked_label(read_image(case.label), case.label, row=case.row)
         if image.GetSize() != label_image.GetSize():
             raise DataError(
                 f"row {case.row}: image {case.image.name} is {image.GetSize()} but label {case.label.name} "
@@ -284,6 +286,8 @@ def run_training(
     main = world().is_main  # under torchrun, rank 0 writes everything
     run_dir = Path(cfg.output_dir)
     if main:
+        if resume:  # before config.json is replaced: the checkpoint must fit this config
+            check_resume(run_dir, cfg, require=False)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
     if cases is None:

@@ -43,7 +43,7 @@ from medtl.adaptation.dsbn import DomainBatchSampler, convert_to_dsbn, domain_la
 from medtl.config import RunConfig
 from medtl.data.io import atomic_path
 from medtl.data.presets import training_transform
-from medtl.errors import ConfigError, DataError, MedTLError
+from medtl.errors import ConfigError, DataError, MedTLError, RunFailure
 from medtl.events import EventSink
 from medtl.infer import memory_format
 from medtl.memory import available_memory, estimate_training_memory, gib, smaller_patch
@@ -510,6 +510,11 @@ def fit(
                     torch.cuda.empty_cache()
                 micro_batch, train_patch = _after_out_of_memory(
                     failure, cfg, world, micro_batch, train_patch, events, epoch=epoch + 1
+                )
+            if not math.isfinite(task_loss_value):  # before the step: a NaN update ruins every weight
+                raise RunFailure(
+                    f"training loss became {task_loss_value} at epoch {epoch + 1}, step {len(losses) + 1}; no "
+                    "package written. Lower optim.lr, or check the images for extreme values"
                 )
             scaler.step(optimizer)
             scaler.update()
