@@ -13,6 +13,9 @@
     medtl export --model PKG --out DIR [--format onnx|torchscript ...] [--image IMG] [--domain D]
     medtl device [--device auto|cpu|cuda]
     medtl info PKG
+    medtl keygen --out KEY                       (Ed25519: KEY and KEY.pub)
+    medtl sign --model PKG --key KEY
+    medtl verify --model PKG [--public-key KEY.pub]
     medtl models
     medtl weights seed|check
 
@@ -200,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a model package")
     p.add_argument("package")
+
+    p = sub.add_parser("keygen", help="a new Ed25519 key pair for signing packages (KEY and KEY.pub)")
+    p.add_argument("--out", required=True, help="the private key file (written readable by you only)")
+
+    p = sub.add_parser("sign", help="sign a package's manifest (tamper evidence for every file it lists)")
+    p.add_argument("--model", required=True, help="model package directory")
+    p.add_argument("--key", required=True, help="Ed25519 private key (PEM), from 'medtl keygen' or openssl")
+
+    p = sub.add_parser("verify", help="check a package's files and signature")
+    p.add_argument("--model", required=True, help="model package directory")
+    p.add_argument("--public-key", help="require a signature by this Ed25519 public key (PEM)")
 
     sub.add_parser("models", help="list the registered networks")
 
@@ -522,8 +536,32 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
 
     if args.command == "info":
         from medtl.package import describe
+        from medtl.signing import verify_package
 
         print(describe(args.package))
+        print(f"  signature:     {verify_package(args.package)}")
+        return 0
+
+    if args.command == "keygen":
+        from medtl.signing import write_key_pair
+
+        private, public = write_key_pair(args.out)
+        print(f"private key {private} (keep it secret), public key {public}")
+        return 0
+
+    if args.command == "sign":
+        from medtl.signing import sign_package
+
+        record = sign_package(args.model, args.key)
+        print(f"signed {args.model} with key {record['key_fingerprint']}")
+        return 0
+
+    if args.command == "verify":
+        from medtl.signing import check_files, verify_package
+
+        status = verify_package(args.model, args.public_key)
+        check_files(Path(args.model))
+        print(f"{args.model}: files match the manifest; {status}")
         return 0
 
     if args.command == "device":
@@ -570,6 +608,7 @@ def _predict(args: argparse.Namespace, events: EventSink) -> int:
     from medtl.train import resolve_device
 
     package = load_package(args.model)
+    events.emit("message", message=f"model package {args.model}: {getattr(package, 'signature', 'unsigned')}")
     outputs = {"--out": args.out, "--probabilities": args.probabilities, "--uncertainty": args.uncertainty}
     outputs["--gradcam"] = args.gradcam
     # A classifier writes its --out as JSON: only the image outputs need an image writer.
