@@ -278,6 +278,8 @@ def user_error(err: Exception) -> MedTLError:
         return RunFailure(
             f"out of memory ({first or type(err).__name__}); lower train.batch_size or preprocessing.patch_size"
         )
+    if isinstance(err, UnicodeDecodeError):  # a binary file given where text (CSV, JSON) belongs
+        return DataError(f"a text file is not UTF-8 text ({first}); save it as UTF-8")
     if isinstance(err, OSError):
         where = f" {err.filename}" if err.filename else ""
         if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
@@ -444,6 +446,7 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         from medtl.package import load_package
         from medtl.train import resolve_device
 
+        _check_image_outputs({"--out": args.out}, [args.image, args.model])
         events = make_sink()
         cam = gradcam_image(
             load_package(args.model),

@@ -34,14 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import medtl
 from medtl.config import RunConfig
-from medtl.data.io import (
-    array_like,
-    replace_directory,
-    resample_like,
-    resample_to_spacing,
-    sha256_file,
-    umask_mode,
-)
+from medtl.data.io import array_like, replace_directory, resample_like, resample_to_spacing, sha256_file
 from medtl.data.presets import intensity_transform
 from medtl.errors import DataError, WeightsError
 from medtl.models.registry import TransferNet, build_model
@@ -196,7 +189,6 @@ def save_package(
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(umask_mode(0o777))  # mkdtemp's 0700 would hide the package from colleagues
         replace_directory(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from medtl.config import RunConfig
-from medtl.data.checks import checked_image, checked_label
+from medtl.data.checks import read_checked_image, read_checked_label
 from medtl.data.dataset import Case, load_cases
 from medtl.data.io import atomic_write_text, read_image
 from medtl.data.slices import slice_items
@@ -35,8 +35,8 @@ def load_case_arrays(case: Case, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray
     files and the preprocessing are unchanged."""
 
     def make() -> dict[str, np.ndarray]:
-        image = checked_image(read_image(case.image), case.image, row=case.row, policy=cfg.preprocessing.nan_policy)
-        label_image = checked_label(read_image(case.label), case.label, row=case.row)
+        image = read_checked_image(case.image, row=case.row, policy=cfg.preprocessing.nan_policy)
+        label_image = read_checked_label(case.label, row=case.row)
         if image.GetSize() != label_image.GetSize():
             raise DataError(
                 f"row {case.row}: image {case.image.name} is {image.GetSize()} but label {case.label.name} "

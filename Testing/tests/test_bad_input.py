@@ -287,3 +287,26 @@ def test_errors_are_one_line_with_the_right_status(tmp_path, capsys, monkeypatch
     assert code == 2 and lines == ["medtl: error: row 2: bad"]
     with pytest.raises(DataError):  # --debug: the traceback instead of the line
         main(["--debug", "info", "x"])
+
+
+@pytest.mark.parametrize("kind", ["text as image", "truncated image", "binary csv"])
+def test_damaged_and_disguised_files_are_one_line(tmp_path, capsys, kind):
+    data = tmp_path / "data"
+    data.mkdir()
+    csv = dataset(data)
+    if kind == "text as image":
+        (data / "case2.nrrd").write_text("this is not an image\n")
+    elif kind == "truncated image":
+        raw = (data / "case2_label.nrrd").read_bytes()
+        (data / "case2_label.nrrd").write_bytes(raw[: len(raw) // 2])
+    else:
+        csv.write_bytes(bytes(range(256)) * 4)
+    (line,) = train_refused(tmp_path, capsys, csv)
+    expected = {
+        "text as image": "medtl: error: row 4, image: ",
+        "truncated image": "medtl: error: row 4, label: ",
+        "binary csv": "medtl: error: a text file is not UTF-8 text",
+    }[kind]
+    assert line.startswith(expected), line
+    if kind != "binary csv":
+        assert "cannot read image" in line and "case2" in line

@@ -116,6 +116,29 @@ def checked_label(image: sitk.Image, path: str | Path, *, row: int | None = None
     return image
 
 
+def _read(path: str | Path, row: int | None, what: str) -> sitk.Image:
+    from medtl.data.io import read_image
+
+    try:
+        return read_image(path)
+    except DataError as err:  # a damaged or disguised file: say which CSV row holds it
+        if row is None:
+            raise
+        raise DataError(f"row {row}, {what}: {err}") from None
+
+
+def read_checked_image(
+    path: str | Path, *, row: int | None = None, policy: str = "error", scalar_3d: bool = True
+) -> sitk.Image:
+    """:func:`checked_image` of the file at ``path``; a file that cannot be read names its row too."""
+    return checked_image(_read(path, row, "image"), path, row=row, policy=policy, scalar_3d=scalar_3d)
+
+
+def read_checked_label(path: str | Path, *, row: int | None = None) -> sitk.Image:
+    """:func:`checked_label` of the file at ``path``; a file that cannot be read names its row too."""
+    return checked_label(_read(path, row, "label"), path, row=row)
+
+
 # --------------------------------------------------------------------------- outputs
 
 

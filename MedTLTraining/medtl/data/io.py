@@ -55,7 +55,20 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~mask
 
 
-def writing_failure(path: str | Path, err: BaseException) -> RunFailure:
+class WriteFailure(RunFailure):
+    """A file that could not be written; also an instance of the writer's own error's kind
+    (OSError, or RuntimeError as torch.save and ITK raise), for callers that catch those."""
+
+
+class _OSWriteFailure(WriteFailure, OSError):
+    pass
+
+
+class _RuntimeWriteFailure(WriteFailure, RuntimeError):
+    pass
+
+
+def writing_failure(path: str | Path, err: BaseException) -> WriteFailure:
     """One line for a write that failed: a full disk, a permission, or the writer's own message.
 
     torch.save and ITK report a full disk without its errno ("iostream error", "could not write
@@ -74,7 +87,8 @@ def writing_failure(path: str | Path, err: BaseException) -> RunFailure:
     else:
         lines = str(err).strip().splitlines()
         reason = (getattr(err, "strerror", None) or (lines[-1] if lines else type(err).__name__)).strip()
-    return RunFailure(f"cannot write {path}: {reason}")
+    kind = _OSWriteFailure if isinstance(err, OSError) else _RuntimeWriteFailure
+    return kind(f"cannot write {path}: {reason}")
 
 
 @contextlib.contextmanager
@@ -108,7 +122,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def replace_directory(built: Path, path: Path) -> None:
     """Puts the directory ``built`` (made beside ``path``) in ``path``'s place, so a reader sees
-    the old directory or the new one, never half of either."""
+    the old directory or the new one, never half of either. It gets the permissions a new folder
+    would (0777 less the umask), not mkdtemp's 0700, so colleagues on a shared drive can open it."""
+    built.chmod(umask_mode(0o777))
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
