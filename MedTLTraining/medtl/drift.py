@@ -41,7 +41,8 @@ import SimpleITK as sitk
 import torch
 
 from medtl.config import RunConfig
-from medtl.data.io import atomic_write_text, read_image
+from medtl.data.checks import read_checked_image
+from medtl.data.io import atomic_write_text
 from medtl.errors import DataError
 
 REFERENCE_FILE = "drift_reference.json"
@@ -117,6 +118,10 @@ def _embedding(model: torch.nn.Module, module: torch.nn.Module, cfg: RunConfig, 
     return torch.cat(captured).float().mean(0).cpu().tolist()
 
 
+def _checks(cfg: RunConfig) -> dict[str, Any]:
+    return {"policy": cfg.preprocessing.nan_policy, "scalar_3d": not cfg.is_classification}
+
+
 def profile_images(
     model: torch.nn.Module,
     cfg: RunConfig,
@@ -131,8 +136,9 @@ def profile_images(
     module = _embedding_module(model)
     values, embeddings = [], []
     for i, item in enumerate(images):
-        image = item if isinstance(item, sitk.Image) else read_image(item)
         ndim = cfg.spatial_dims if cfg.is_classification else 3
+        # NaN voxels would make every statistic NaN and every test silently pass.
+        image = item if isinstance(item, sitk.Image) else read_checked_image(item, **_checks(cfg))
         array = preprocess(image, cfg, ndim=ndim)
         values.append(_intensity_features(image, array))
         if module is not None:

@@ -146,3 +146,11 @@ def test_fail_on_drift_exits_1_for_a_rescaled_copy_of_the_reference(tmp_path, ca
     assert main(args) == 1
     printed = capsys.readouterr().out
     assert printed.startswith("DRIFT") and "far outside the reference" in printed and "CSV row 4" in printed
+    # A NaN image would make every statistic NaN and every test pass: it is refused, by name.
+    array = sitk.GetArrayFromImage(_images([0])[0])
+    array[0, 0, 0] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "nan.nrrd"))
+    (tmp_path / "nan.csv").write_text("image\nnan.nrrd\n")
+    args[args.index("--data") + 1] = str(tmp_path / "nan.csv")
+    assert main(args) == 2
+    assert "nan.nrrd: 1 NaN and 0 infinite voxel(s)" in capsys.readouterr().err
