@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medtl.data.checks import check_free_space
 from medtl.errors import DataError, MedTLError, OutputError
 
 LOCK = ".medtl.lock"
@@ -163,6 +164,19 @@ def check_resume(run_dir: str | Path, cfg, *, require: bool = True) -> None:
         raise DataError(f"--resume: {ckpt} is not a MedTL checkpoint (no model, optimizer and epoch)")
 
 
+def run_bytes(cfg) -> int:
+    """Roughly what a run writes at most: the checkpoint (weights and AdamW's two moments) and its
+    temporary copy while it is replaced, the best epoch's weights and the package."""
+    import torch
+
+    from medtl.models.registry import build_model
+
+    with torch.device("meta"):  # shapes only: nothing is allocated, loaded or downloaded
+        model = build_model(cfg.model.name, num_classes=cfg.num_classes, pretrained="none")
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return 8 * weights
+
+
 def holds_run(run_dir: Path, config_file: Path | None) -> list[str]:
     """The run files in ``run_dir`` (a config.json counts unless it is the config being run)."""
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
@@ -201,6 +215,7 @@ def run_folder(
     if resume and overwrite:
         raise OutputError("--resume continues the run in output_dir and --overwrite replaces it: choose one")
     created = not run_dir.exists()
+    check_free_space(run_dir, run_bytes(cfg), what="the run (checkpoints and model package)")
     if resume:
         check_resume(run_dir, cfg)
     elif not overwrite and not created:
