@@ -178,10 +178,13 @@ def run_bytes(cfg) -> int:
 
 
 def holds_run(run_dir: Path, config_file: Path | None) -> list[str]:
-    """The run files in ``run_dir`` (a config.json counts unless it is the config being run)."""
+    """The run files in ``run_dir``. A config.json does not count when it is the config being run,
+    or when it is all a run that failed before its first checkpoint left (it may be retried)."""
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     config = run_dir / "config.json"
-    if config.is_file() and not (config_file is not None and config_file.exists() and config.samefile(config_file)):
+    same = config_file is not None and config_file.exists() and config.is_file() and config.samefile(config_file)
+    failed_early = (run_dir / FAILED).is_file() and not found
+    if config.is_file() and not same and not failed_early:
         found.insert(0, "config.json")
     return found
 

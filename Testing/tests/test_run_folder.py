@@ -74,6 +74,19 @@ def test_the_config_inside_the_run_folder_is_not_another_run(tmp_path, capsys, c
     assert (tmp_path / "run" / "model" / "medtl_package.json").is_file()
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_may_be_retried(tmp_path):
+    from medtl.run_folder import FAILED, holds_run
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert holds_run(folder, None) == ["config.json"]
+    (folder / FAILED).write_text('{"failed": true, "resumable": false}')
+    assert holds_run(folder, None) == []
+    (folder / "checkpoint.pt").write_bytes(b"")
+    assert holds_run(folder, None) == ["config.json", "checkpoint.pt"]
+
+
 def test_resume_without_a_checkpoint_is_an_error_and_writes_nothing(tmp_path, capsys, cfg):
     (tmp_path / "run").mkdir()
     code, lines = cli(capsys, "train", str(write_config(tmp_path, cfg)), "--resume")
