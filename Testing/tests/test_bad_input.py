@@ -310,3 +310,20 @@ def test_damaged_and_disguised_files_are_one_line(tmp_path, capsys, kind):
     assert line.startswith(expected), line
     if kind != "binary csv":
         assert "cannot read image" in line and "case2" in line
+
+
+def test_the_checks_import_without_torch():
+    """The Slicer side may use them: like the other protocol modules they need no torch or MONAI."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = sys.modules['monai'] = None\n"
+        "import medtl.data.checks, medtl.signing, medtl.run_folder, medtl.errors\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "MedTLTraining")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
