@@ -73,6 +73,7 @@ PINS = {
     "onnxscript": "0.7.2",
     "Jinja2": "3.1.6",
     "matplotlib": "3.11.2",
+    "cryptography": "50.0.2",
 }
 
 
@@ -108,6 +109,7 @@ _CORE = (
     Package("scikit-learn", ">=1.6", "the drift reference stored with a model"),
     Package("matplotlib", ">=3.7", "the run's plots"),
     Package("Jinja2", ">=3.1", "the run's report.html"),
+    Package("cryptography", ">=42", "checking the signature of a signed model package"),
 )
 _FAIRNESS = Package("fairlearn", ">=0.10", "per-group fairness metrics")
 FEATURES: dict[str, tuple[Package, ...]] = {

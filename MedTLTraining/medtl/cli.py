@@ -1,7 +1,7 @@
 """The ``medtl`` command.
 
     medtl demo [--out DIR] [--slices K] [--compare-scratch] [--device auto|cpu|cuda]
-    medtl train CONFIG [--resume] [--predict IMG --predict-out SEG [--predict-uncertainty UNC]]
+    medtl train CONFIG [--resume | --overwrite] [--predict IMG --predict-out SEG [--predict-uncertainty UNC]]
     torchrun --nproc_per_node N -m medtl train CONFIG [--resume]   (data-parallel, see medtl.distributed)
     medtl predict --model PKG --image IMG --out SEG [--probabilities PROB] [--uncertainty UNC] [--domain D]
     medtl adapt --model PKG (--data CSV | --image IMG ...) --out PKG2 [--domain D]
@@ -13,25 +13,35 @@
     medtl export --model PKG --out DIR [--format onnx|torchscript ...] [--image IMG] [--domain D]
     medtl device [--device auto|cpu|cuda]
     medtl info PKG
+    medtl keygen --out KEY                       (Ed25519: KEY and KEY.pub)
+    medtl sign --model PKG --key KEY
+    medtl verify --model PKG [--public-key KEY.pub]
     medtl models
     medtl weights seed [FILE ...] | check | download [ARCH ...]
 
 Progress goes to stderr as a bar; ``--events -`` sends the JSON-lines stream to stdout instead
-(what the Slicer module reads), ``--events FILE`` appends it to a file. A problem with the input
-prints one line ``medtl: error: ...`` and exits with status 2. A stop asked for through
+(what the Slicer module reads), ``--events FILE`` appends it to a file.
+
+Every failure is one line ``medtl: error: ...`` naming the file, field or CSV row, also written as
+an ``error`` event into the run's ``events.jsonl``; the exit status is 2 for input to correct
+(config, data, output paths) and 1 for a failure of the run (disk full, permission denied, out of
+memory, a diverged training). ``--debug`` shows the traceback instead. Ctrl-C ends with
+``medtl: interrupted`` (also an ``interrupted`` event) and status 130. A stop asked for through
 ``--stop-file`` (or ``$MEDTL_STOP_FILE``) emits ``cancelled`` and exits with status 3.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from medtl.errors import ConfigError, MedTLError
+from medtl.errors import ConfigError, DataError, MedTLError, RunFailure
 from medtl.events import EventSink, TerminalProgress
 from medtl.stop import CANCELLED_EXIT_CODE, STOP_FILE_ENV, Cancelled
 
@@ -72,7 +82,8 @@ def _add_validation_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medtl", description="Transfer learning for medical images.")
-    parser.add_argument("--verbose", action="store_true", help="log details and show tracebacks")
+    parser.add_argument("--verbose", action="store_true", help="log details")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="fine-tune on a few slices of a real liver CT and segment the rest")
@@ -86,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a JSON run configuration")
     p.add_argument("config", help="run configuration (JSON)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run that output_dir holds (default: refuse to)"
+    )
     p.add_argument("--output-dir", help="override the configuration's output_dir")
     p.add_argument(
         "--predict",
@@ -199,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a model package")
     p.add_argument("package")
 
+    p = sub.add_parser("keygen", help="a new Ed25519 key pair for signing packages (KEY and KEY.pub)")
+    p.add_argument("--out", required=True, help="the private key file (written readable by you only)")
+
+    p = sub.add_parser("sign", help="sign a package's manifest (tamper evidence for every file it lists)")
+    p.add_argument("--model", required=True, help="model package directory")
+    p.add_argument("--key", required=True, help="Ed25519 private key (PEM), from 'medtl keygen' or openssl")
+
+    p = sub.add_parser("verify", help="check a package's files and signature")
+    p.add_argument("--model", required=True, help="model package directory")
+    p.add_argument("--public-key", help="require a signature by this Ed25519 public key (PEM)")
+
     sub.add_parser("models", help="list the registered networks")
 
     p = sub.add_parser("weights", help="pretrained weight files in the torch hub cache")
@@ -222,6 +247,20 @@ def main(argv: list[str] | None = None) -> int:
         sinks.append(_sink(args, run_file))
         return sinks[-1]
 
+    def record(event: str, message: str) -> None:
+        """The end of the command, for the run's events.jsonl and the Slicer module's stream."""
+        to_stdout = getattr(args, "events", None) == "-"
+        for sink in sinks:
+            if any(getattr(listener, "_open_line", False) for listener in sink.listeners):
+                print(file=sys.stderr)  # end the progress bar's line
+            try:
+                sink.emit(event, message=message)
+            except (OSError, ValueError):  # a full disk, or a sink closed already
+                pass
+            to_stdout = to_stdout and sink.stream is not sys.stdout
+        if to_stdout:
+            print(json.dumps({"event": event, "message": message}), flush=True)
+
     if getattr(args, "stop_file", None):
         os.environ[STOP_FILE_ENV] = args.stop_file
     # Read when torch loads its MPS backend, so before any torch import (see medtl.devices).
@@ -230,24 +269,50 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args, make_sink)
     except Cancelled as err:
         print(f"medtl: {err}; the last checkpoint is kept (use --resume)", file=sys.stderr)
-        if sinks:
-            sinks[-1].emit("cancelled", message=str(err))
-        elif getattr(args, "events", None) == "-":
-            print(json.dumps({"event": "cancelled", "message": str(err)}), flush=True)
+        record("cancelled", str(err))
         return CANCELLED_EXIT_CODE
-    except MedTLError as err:
-        if args.verbose:
-            raise
-        print(f"medtl: error: {err}", file=sys.stderr)
-        if getattr(args, "events", None) == "-":
-            print(json.dumps({"event": "error", "message": str(err)}), flush=True)
-        return 2
     except KeyboardInterrupt:
-        print("\nmedtl: interrupted; the last checkpoint is kept (use --resume)", file=sys.stderr)
+        resumable = args.command in ("train", "cv")
+        print(
+            "\nmedtl: interrupted" + ("; the last checkpoint is kept (use --resume)" if resumable else ""),
+            file=sys.stderr,
+        )
+        record("interrupted", "medtl: interrupted")
         return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        error = user_error(err)
+        print(f"medtl: error: {error}", file=sys.stderr)
+        record("error", str(error))
+        return error.exit_code
     finally:
         for sink in sinks:
             sink.close()
+
+
+def user_error(err: Exception) -> MedTLError:
+    """Any exception as the one line the user reads: MedTL's own errors as they are; a full disk,
+    a permission, memory and damaged files by their cause; anything else as an internal error."""
+    if isinstance(err, MedTLError):
+        return err
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "out of memory" in first.lower():
+        return RunFailure(
+            f"out of memory ({first or type(err).__name__}); lower train.batch_size or preprocessing.patch_size"
+        )
+    if isinstance(err, UnicodeDecodeError):  # a binary file given where text (CSV, JSON) belongs
+        return DataError(f"a text file is not UTF-8 text ({first}); save it as UTF-8")
+    if isinstance(err, OSError):
+        where = f" {err.filename}" if err.filename else ""
+        if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+            return DataError(f"{err.strerror}:{where}")
+        if err.errno == errno.ENOSPC:
+            return RunFailure(f"no space left on the device writing{where or ' a file'}")
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return RunFailure(f"{err.strerror}:{where}")
+        return RunFailure(f"{err.strerror or first}:{where}")
+    return RunFailure(f"internal error: {type(err).__name__}: {first} (run with --debug for the traceback)")
 
 
 def run() -> int:
@@ -304,13 +369,26 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
     if args.command == "train":
         from medtl.distributed import process_group
         from medtl.pipeline import run_training
+        from medtl.run_folder import run_folder
 
         cfg = _run_config(args)
         if bool(args.predict) != bool(args.predict_out):
             raise ConfigError("--predict IMAGE and --predict-out SEG go together")
+        if args.predict:
+            _check_image_outputs(
+                {"--predict-out": args.predict_out, "--predict-uncertainty": args.predict_uncertainty}, [args.predict]
+            )
         with process_group(cfg.train.device) as world:  # one of N under torchrun, else the only one
-            events = make_sink(Path(cfg.output_dir) / "events.jsonl") if world.is_main else EventSink()
-            metrics = run_training(cfg, events=events, resume=args.resume)
+            if world.is_main:
+                # Checked, locked and (on failure) cleaned up before and after anything is written.
+                folder = run_folder(
+                    cfg.output_dir, cfg, resume=args.resume, overwrite=args.overwrite, config_file=args.config
+                )
+            else:
+                folder = contextlib.nullcontext()
+            with folder:
+                events = make_sink(Path(cfg.output_dir) / "events.jsonl") if world.is_main else EventSink()
+                metrics = run_training(cfg, events=events, resume=args.resume)
         if args.predict and world.is_main:
             prediction = argparse.Namespace(
                 model=str(Path(cfg.output_dir) / "model"),
@@ -393,6 +471,7 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
         from medtl.package import load_package
         from medtl.train import resolve_device
 
+        _check_image_outputs({"--out": args.out}, [args.image, args.model])
         events = make_sink()
         cam = gradcam_image(
             load_package(args.model),
@@ -485,8 +564,32 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
 
     if args.command == "info":
         from medtl.package import describe
+        from medtl.signing import verify_package
 
         print(describe(args.package))
+        print(f"  signature:     {verify_package(args.package)}")
+        return 0
+
+    if args.command == "keygen":
+        from medtl.signing import write_key_pair
+
+        private, public = write_key_pair(args.out)
+        print(f"private key {private} (keep it secret), public key {public}")
+        return 0
+
+    if args.command == "sign":
+        from medtl.signing import sign_package
+
+        record = sign_package(args.model, args.key)
+        print(f"signed {args.model} with key {record['key_fingerprint']}")
+        return 0
+
+    if args.command == "verify":
+        from medtl.signing import check_files, verify_package
+
+        status = verify_package(args.model, args.public_key)
+        check_files(Path(args.model))
+        print(f"{args.model}: files match the manifest; {status}")
         return 0
 
     if args.command == "device":
@@ -536,13 +639,29 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
 def _predict(args: argparse.Namespace, events: EventSink) -> int:
     import numpy as np
 
+    from medtl.data.checks import check_free_space, checked_image
     from medtl.data.io import array_like, read_image, write_image, write_segmentation
     from medtl.infer import normalised_entropy
     from medtl.package import load_package, segment_image
     from medtl.train import resolve_device
 
     package = load_package(args.model)
+    events.emit("message", message=f"model package {args.model}: {getattr(package, 'signature', 'unsigned')}")
+    outputs = {"--out": args.out, "--probabilities": args.probabilities, "--uncertainty": args.uncertainty}
+    outputs["--gradcam"] = args.gradcam
+    # A classifier writes its --out as JSON: only the image outputs need an image writer.
+    _check_image_outputs(outputs, [args.image, args.model], json_out=package.config.is_classification)
     image = read_image(args.image)
+    image = checked_image(
+        image,
+        args.image,
+        policy=package.config.preprocessing.nan_policy,
+        scalar_3d=not package.config.is_classification,
+    )
+    # Labels are one byte a voxel, probability maps four; NRRD and NIfTI add little beyond that.
+    voxels = int(np.prod(image.GetSize()))
+    need = sum(voxels * (1 if option == "--out" else 4) for option, path in outputs.items() if path)
+    check_free_space(Path(args.out), need, what="the prediction")
     device = resolve_device(args.device or "auto", events)
     # Start-up (imports, package, image) ends here; the rest is prediction.
     events.emit("start", label="predict", device=str(device), size=list(image.GetSize()))
@@ -609,6 +728,17 @@ def _predict(args: argparse.Namespace, events: EventSink) -> int:
     if args.events != "-":
         print(f"segmentation written to {out}")
     return 0
+
+
+def _check_image_outputs(outputs: dict[str, str | None], inputs: list[str], *, json_out: bool = False) -> None:
+    """Before any work: each image output has a writer for its extension and destroys no input;
+    with ``json_out`` the --out is a JSON file, checked against the inputs only."""
+    from medtl.data.checks import check_image_output, check_not_inputs
+
+    check_not_inputs(outputs, inputs)
+    for option, path in outputs.items():
+        if path and not (json_out and option == "--out"):
+            check_image_output(path, option=option)
 
 
 def _print_summary(summary: dict, out: Path) -> None:

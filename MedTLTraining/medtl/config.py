@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 SlicePlane = Literal["axial", "coronal", "sagittal"]
 Orientation = Literal["canonical", "as_stored"]
 AdaptationMethod = Literal["none", "adabn", "dsbn", "dann"]
+NanPolicy = Literal["error", "zero"]
 
 
 @dataclass
@@ -92,6 +94,9 @@ class PreprocessConfig:
             sagittal; ``as_stored`` keeps each file's axis order (packages from MedTL before 0.2).
         slice_axis: 2D tasks: the plane of the slices the network trains on and predicts
             (the plane the user painted in); spacing is kept across it.
+        nan_policy: what a NaN or infinite voxel in an image is: ``"error"`` (the default: the
+            file and CSV row are named and nothing is computed) or ``"zero"`` (such voxels read
+            as 0, in training and in prediction).
     """
 
     preset: Preset = "ct_abdomen"
@@ -102,6 +107,7 @@ class PreprocessConfig:
     context_slices: int = 0
     orientation: Orientation = "canonical"
     slice_axis: SlicePlane = "axial"
+    nan_policy: NanPolicy = "error"
 
 
 @dataclass
@@ -109,7 +115,8 @@ class ModelConfig:
     """Network from the registry and where its pretrained weights come from.
 
     ``pretrained`` is ``"imagenet"`` (torchvision's enum, from the hub cache), ``"none"``, or the
-    path of a local weight file (state dict or checkpoint; keys are matched and reported).
+    path of a local weight file (state dict or checkpoint; keys are matched and reported); in a
+    config file a relative path is relative to that file.
     """
 
     name: str = "unet_mobilenet_v2"
@@ -224,7 +231,13 @@ class CardConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs. ``output_dir`` receives checkpoints, events, metrics and the package."""
+    """Everything a run needs. ``output_dir`` receives checkpoints, events, metrics and the package.
+
+    Paths in a config file (``data.csv``, ``data.cache_dir``, ``adaptation.target_csv``,
+    ``output_dir`` and ``model.pretrained`` when it is a file) are relative to the config file's
+    folder, so a config moves with its data; ``medtl train --output-dir`` is relative to the
+    current folder, as command-line paths are.
+    """
 
     task: Task = "segmentation_2d"
     data: DataConfig = field(default_factory=DataConfig)
@@ -249,17 +262,29 @@ class RunConfig:
     def load(cls, path: str | Path) -> RunConfig:
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            # utf-8-sig: editors on Windows put a byte-order mark before the JSON.
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, not a config file") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
         cfg = cls.from_dict(data)
-        # A CSV path in a config file is relative to that file, so configs can be moved with data.
-        if cfg.data.csv and not Path(cfg.data.csv).is_absolute():
-            cfg.data.csv = str((path.parent / cfg.data.csv).resolve())
-        if cfg.adaptation.target_csv and not Path(cfg.adaptation.target_csv).is_absolute():
-            cfg.adaptation.target_csv = str((path.parent / cfg.adaptation.target_csv).resolve())
+        # Paths in a config file are relative to that file, so configs can be moved with their data.
+        folder = path.parent
+
+        def resolved(value: str) -> str:
+            return str((folder / value).resolve()) if value and not Path(value).is_absolute() else value
+
+        cfg.data.csv = resolved(cfg.data.csv)
+        cfg.data.cache_dir = resolved(cfg.data.cache_dir)
+        cfg.adaptation.target_csv = resolved(cfg.adaptation.target_csv)
+        cfg.output_dir = resolved(cfg.output_dir)
+        if cfg.model.pretrained not in ("imagenet", "none"):
+            cfg.model.pretrained = resolved(cfg.model.pretrained)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -318,6 +343,13 @@ class RunConfig:
                 f"needs {self.num_classes} non-negative numbers (background, then each label), not all zero, "
                 "for a segmentation task",
             )
+        seen: set[str] = set()
+        for name in self.data.label_names:
+            if not name.strip():
+                raise bad("data.label_names", "a label name is empty")
+            if name in seen:
+                raise bad("data.label_names", f"'{name}' appears twice; each label value needs its own name")
+            seen.add(name)
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise bad("data.val_fraction", "must be in [0, 1)")
         for name, value in (
@@ -377,7 +409,9 @@ class RunConfig:
         from medtl.models.registry import MODELS
 
         if self.model.name not in MODELS:
-            raise bad("model.name", f"'{self.model.name}' is not one of {_choices(sorted(MODELS))}")
+            close = difflib.get_close_matches(self.model.name, list(MODELS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise bad("model.name", f"'{self.model.name}' is unknown{hint}; one of {_choices(sorted(MODELS))}")
         spec = MODELS[self.model.name]
         if spec.spatial_dims != self.spatial_dims or spec.task != self.task.rsplit("_", 1)[0]:
             raise bad(
@@ -472,6 +506,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config field '{where}': expected a number, got {value!r}")
+        # Python's JSON reader accepts NaN and Infinity; either would train a NaN network.
+        if not math.isfinite(value):
+            raise ConfigError(f"config field '{where}': {value!r} is not a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -9,7 +9,13 @@ on, in two ways:
 - **the network's own view**: the deepest encoder stage's features, averaged over the image,
   reduced by a PCA fitted on the reference. Each new image's Mahalanobis distance to the
   reference (Ledoit-Wolf covariance, scikit-learn) is compared with the reference images'
-  leave-one-out distances: a KS test for the set, the reference's 99th percentile for each image.
+  leave-one-out distances: a KS test for the set, the reference's 99th percentile for each image;
+- **images far outside the reference**: a new image whose intensity statistics lie, as a whole
+  (their median), more than :data:`OUTLIER_SD` reference standard deviations from the reference
+  mean is drift by itself, however few images either side holds: the tests above cannot reject
+  anything with a handful of images, but a scanner that maps HU differently is obvious in one.
+  The median, not the largest, of the statistics: with three reference images one statistic's
+  standard deviation can be small by chance (a like image reached 12 SD on one, 2.6 on the median).
 
 The reference profile is computed at the end of training and stored in the model package
 (``drift_reference.json``); for older packages, ``--reference train.csv`` profiles it on the fly.
@@ -35,7 +41,8 @@ import SimpleITK as sitk
 import torch
 
 from medtl.config import RunConfig
-from medtl.data.io import atomic_write_text, read_image
+from medtl.data.checks import read_checked_image
+from medtl.data.io import atomic_write_text
 from medtl.errors import DataError
 
 REFERENCE_FILE = "drift_reference.json"
@@ -43,6 +50,9 @@ PROFILE_VERSION = 1
 MAX_SLICES = 16  # 2D networks: axial slices sampled per image for its embedding
 MAX_STORED = 400_000  # numbers of reference embeddings kept as they are (a few MB of JSON)
 LOW_POWER = 5  # fewer images than this on either side: a test can hardly reject anything
+OUTLIER_SD = 6.0  # an image this many reference SDs away (median over INTENSITY) is drift
+OUTLIER_MIN_REFERENCE = 3  # two images give one difference, not a standard deviation
+INTENSITY = ("mean", "p01", "p05", "p50", "p95", "p99", "raw_mean", "raw_p01", "raw_p99")
 FEATURES = (
     "mean", "std", "p01", "p05", "p50", "p95", "p99", "fraction_low", "fraction_high",
     "raw_mean", "raw_p01", "raw_p99", "spacing_z", "spacing_y", "spacing_x",
@@ -108,6 +118,10 @@ def _embedding(model: torch.nn.Module, module: torch.nn.Module, cfg: RunConfig, 
     return torch.cat(captured).float().mean(0).cpu().tolist()
 
 
+def _checks(cfg: RunConfig) -> dict[str, Any]:
+    return {"policy": cfg.preprocessing.nan_policy, "scalar_3d": not cfg.is_classification}
+
+
 def profile_images(
     model: torch.nn.Module,
     cfg: RunConfig,
@@ -122,8 +136,9 @@ def profile_images(
     module = _embedding_module(model)
     values, embeddings = [], []
     for i, item in enumerate(images):
-        image = item if isinstance(item, sitk.Image) else read_image(item)
         ndim = cfg.spatial_dims if cfg.is_classification else 3
+        # NaN voxels would make every statistic NaN and every test silently pass.
+        image = item if isinstance(item, sitk.Image) else read_checked_image(item, **_checks(cfg))
         array = preprocess(image, cfg, ndim=ndim)
         values.append(_intensity_features(image, array))
         if module is not None:
@@ -248,9 +263,22 @@ def compare_profiles(reference: dict[str, Any], new: dict[str, Any], *, alpha: f
     }
     images = [{"index": i, "flags": []} for i in range(len(cur))]
     mean, sd = ref.mean(0), ref.std(0, ddof=1) if len(ref) > 1 else np.ones(ref.shape[1])
+    intensity = [names.index(n) for n in INTENSITY if n in names]
+    outliers = 0
     for i, row in enumerate(cur):
         z = np.where(sd > 0, (row - mean) / np.where(sd > 0, sd, 1), 0.0)
         images[i]["flags"] += [f"{names[j]} {z[j]:+.1f} SD" for j in np.flatnonzero(np.abs(z) > 4)]
+        if len(ref) >= OUTLIER_MIN_REFERENCE and intensity:
+            # A statistic constant in the reference is infinitely far when it differs at all.
+            away = np.where(sd > 0, np.abs(row - mean) / np.where(sd > 0, sd, 1), np.where(row == mean, 0, np.inf))
+            distance = float(np.median(away[intensity]))
+            images[i]["intensity_sd"] = distance
+            if distance > OUTLIER_SD:
+                outliers += 1
+                images[i]["flags"].append(
+                    f"intensity {distance:.0f} reference SDs from the reference (median of its statistics; "
+                    f"limit {OUTLIER_SD:g})"
+                )
     embedding_drift = False
     ref_emb, cur_emb = _embeddings(reference, reference), _embeddings(reference, new)
     if ref_emb is not None and cur_emb is not None and min(len(ref_emb), len(cur_emb)) >= 2:
@@ -276,17 +304,29 @@ def compare_profiles(reference: dict[str, Any], new: dict[str, Any], *, alpha: f
     else:
         result["embedding"] = None
     drifted = [e for e in result["features"] if e["drifted"]]
-    result["drift"] = bool(drifted) or embedding_drift
+    result["outside_reference"] = outliers
+    result["drift"] = bool(drifted) or embedding_drift or outliers > 0
     result["images"] = images
     notes = []
     if min(len(ref), len(cur)) < LOW_POWER:
-        notes.append(f"only {min(len(ref), len(cur))} image(s) on one side: the tests can hardly detect anything")
+        notes.append(
+            f"only {min(len(ref), len(cur))} image(s) on one side: the tests can hardly detect anything; "
+            + (
+                f"images more than {OUTLIER_SD:g} reference SDs away still count"
+                if len(ref) >= OUTLIER_MIN_REFERENCE
+                else f"with fewer than {OUTLIER_MIN_REFERENCE} reference images not even far outliers are found"
+            )
+        )
     parts = [
         f"{e['feature']} {'higher' if e['shift_sd'] > 0 else 'lower'} by {abs(e['shift_sd']):.1f} SD (q={e['q']:.3g})"
         for e in drifted[:5]
     ]
     if embedding_drift:
         parts.append(f"the network's features differ (p={result['embedding']['p']:.3g})")
+    if outliers:
+        parts.append(
+            f"{outliers} of {len(images)} image(s) far outside the reference (intensity > {OUTLIER_SD:g} reference SDs)"
+        )
     flagged = sum(1 for im in images if im["flags"])
     summary = ("DRIFT: " + "; ".join(parts)) if result["drift"] else "no drift detected"
     if flagged:

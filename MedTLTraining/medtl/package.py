@@ -95,6 +95,7 @@ class ModelPackage(PackageLabels):
     path: Path
     manifest: dict[str, Any]
     model: TransferNet
+    signature: str = "unsigned"  # or "signature valid (key ...)", see medtl.signing
 
     @property
     def config(self) -> RunConfig:
@@ -220,8 +221,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 def load_package(path: str | Path) -> ModelPackage:
     """Loads a package after checking every listed file's sha256 (an ensemble package gives an
     :class:`~medtl.ensemble.EnsemblePackage`)."""
+    from medtl.signing import verify_package
+
     path = Path(path)
     manifest = read_manifest(path)
+    signature = verify_package(path)  # a package edited after signing is refused here
     if manifest.get("ensemble"):
         from medtl.ensemble import load_ensemble
 
@@ -244,7 +248,7 @@ def load_package(path: str | Path) -> ModelPackage:
         convert_to_dsbn(model, len(manifest["domains"]))
     model.load_state_dict(load_file(str(path / WEIGHTS)))
     model.eval()
-    return ModelPackage(path=path, manifest=manifest, model=model)
+    return ModelPackage(path=path, manifest=manifest, model=model, signature=signature)
 
 
 def working_image(image: sitk.Image, cfg: RunConfig, *, labels: bool = False) -> sitk.Image:

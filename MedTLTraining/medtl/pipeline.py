@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from medtl.config import RunConfig
+from medtl.data.checks import read_checked_image, read_checked_label
 from medtl.data.dataset import Case, load_cases
 from medtl.data.geometry import SLICE_AXES, label_on_image_grid
 from medtl.data.io import atomic_write_text, read_image
@@ -26,6 +27,7 @@ from medtl.data.slices import slice_items
 from medtl.errors import DataError
 from medtl.events import EventSink
 from medtl.package import preprocess, save_package, working_image
+from medtl.run_folder import check_resume
 from medtl.train import dice_per_class, fit, resolve_device
 
 
@@ -36,10 +38,10 @@ def load_case_arrays(case: Case, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray
     ``data.cache_dir`` both come from the cache when the files and the preprocessing are unchanged."""
 
     def make() -> dict[str, np.ndarray]:
-        image = read_image(case.image)
+        image = read_checked_image(case.image, row=case.row, policy=cfg.preprocessing.nan_policy)
         label_image = label_on_image_grid(
             image,
-            read_image(case.label),
+            read_checked_label(case.label, row=case.row),
             where=f"row {case.row}: label {case.label.name} of image {case.image.name}",
             resample=cfg.data.resample_labels,
             unknown=UNKNOWN,
@@ -301,6 +303,8 @@ def run_training(
     main = world().is_main  # under torchrun, rank 0 writes everything
     run_dir = Path(cfg.output_dir)
     if main:
+        if resume:  # before config.json is replaced: the checkpoint must fit this config
+            check_resume(run_dir, cfg, require=False)
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
     if cases is None:

@@ -45,7 +45,7 @@ from medtl.data.io import atomic_path
 from medtl.data.partial_labels import known_fraction
 from medtl.data.presets import default_class_ratios, training_transform
 from medtl.devices import cuda_problem, device_report, resolve_device  # noqa: F401 - re-exported for callers
-from medtl.errors import ConfigError, DataError, MedTLError
+from medtl.errors import ConfigError, DataError, MedTLError, RunFailure
 from medtl.evaluate import dice_per_class  # noqa: F401  (the Dice every part of MedTL reports)
 from medtl.events import EventSink
 from medtl.infer import memory_format
@@ -386,6 +386,11 @@ def fit(
                     torch.cuda.empty_cache()
                 micro_batch, train_patch = _after_out_of_memory(
                     failure, cfg, world, micro_batch, train_patch, events, epoch=epoch + 1
+                )
+            if not math.isfinite(task_loss_value):  # before the step: a NaN update ruins every weight
+                raise RunFailure(
+                    f"training loss became {task_loss_value} at epoch {epoch + 1}, step {len(losses) + 1}; no "
+                    "package written. Lower optim.lr, or check the images for extreme values"
                 )
             scaler.step(optimizer)
             scaler.update()

@@ -10,7 +10,11 @@ def test_defaults_validate_and_round_trip(tmp_path):
     cfg = RunConfig.from_dict({})
     path = tmp_path / "c.json"
     cfg.save(path)
-    assert RunConfig.load(path) == cfg
+    loaded = RunConfig.load(path)
+    # The default output_dir is relative: a config file puts it beside itself.
+    assert loaded.output_dir == str(tmp_path / "runs" / "latest")
+    loaded.output_dir = cfg.output_dir
+    assert loaded == cfg
 
 
 def test_unknown_field_is_named_with_suggestion():
@@ -96,3 +100,49 @@ def test_csv_keeps_free_columns_and_needs_image_column(tmp_path):
     (tmp_path / "bad.csv").write_text("img,label\na.nrrd,a.nrrd\n")
     with pytest.raises(DataError, match="needs an 'image' column"):
         load_cases(tmp_path / "bad.csv")
+
+
+@pytest.mark.parametrize("text", ['{"optim": {"lr": NaN}}', '{"optim": {"lr": Infinity}}'])
+def test_non_finite_numbers_are_refused(tmp_path, text):
+    # Python's JSON reader takes NaN and Infinity; a NaN learning rate trained a NaN package.
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="'optim.lr': .* is not a finite number"):
+        RunConfig.load(path)
+
+
+def test_duplicate_label_names_are_refused():
+    with pytest.raises(ConfigError, match="'data.label_names': 'liver' appears twice"):
+        RunConfig.from_dict({"data": {"label_names": ["liver", "tumour", "liver"]}})
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"train": {"epochs": 3}}).encode())
+    assert RunConfig.load(path).train.epochs == 3
+
+
+def test_unknown_model_name_suggests_the_closest():
+    with pytest.raises(ConfigError, match="'unet_resnet43' is unknown \\(did you mean 'unet_resnet34'\\?\\)"):
+        RunConfig.from_dict({"model": {"name": "unet_resnet43"}})
+
+
+def test_every_relative_path_is_relative_to_the_config_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "run.json"
+    raw = {
+        "data": {"csv": "cases.csv", "cache_dir": "cache"},
+        "adaptation": {"method": "adabn", "target_csv": "../target.csv"},
+        "model": {"pretrained": "weights/encoder.pt"},
+        "output_dir": "runs/a",
+    }
+    path.write_text(json.dumps(raw))
+    cfg = RunConfig.load(path)
+    sub = tmp_path / "sub"
+    assert cfg.data.csv == str(sub / "cases.csv") and cfg.data.cache_dir == str(sub / "cache")
+    assert cfg.adaptation.target_csv == str(tmp_path / "target.csv")
+    assert cfg.model.pretrained == str(sub / "weights" / "encoder.pt") and cfg.output_dir == str(sub / "runs" / "a")
+    absolute = {**raw, "output_dir": str(tmp_path / "elsewhere"), "model": {"pretrained": "imagenet"}}
+    path.write_text(json.dumps(absolute))
+    cfg = RunConfig.load(path)
+    assert cfg.output_dir == str(tmp_path / "elsewhere") and cfg.model.pretrained == "imagenet"

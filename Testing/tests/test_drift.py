@@ -98,3 +98,59 @@ def test_medtl_drift_uses_the_profile_a_run_stores(tmp_path, synthetic_dataset, 
     assert main([*args, "--out", str(tmp_path / "d3")]) == 2
     assert "--reference train.csv" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "d4"), "--reference", str(synthetic_dataset)]) == 0
+
+
+def _rescaled(seeds, *, slope=1.3, intercept=150.0, noise=20.0):
+    """The issue's drift: a scanner mapping HU as 1.3·HU + 150, with noise, on the same anatomy."""
+    out = []
+    for seed in seeds:
+        image, _ = synthetic_case(seed)
+        array = sitk.GetArrayFromImage(image) * slope + intercept
+        array = array + np.random.default_rng(seed + 1).normal(0, noise, array.shape)
+        shifted = sitk.GetImageFromArray(array.astype(np.float32))
+        shifted.CopyInformation(image)
+        out.append(shifted)
+    return out
+
+
+def test_images_far_outside_a_small_reference_are_drift(profiled):
+    profile, _ = profiled
+    reference = reduce_reference(profile(_images(range(3))))  # a 4-case run profiles its 3 training images
+    shifted = compare_profiles(reference, profile(_rescaled(range(3))))
+    assert shifted["drift"] and shifted["outside_reference"] == 3
+    assert all(im["intensity_sd"] > 6 for im in shifted["images"])
+    assert "3 of 3 image(s) far outside the reference (intensity > 6 reference SDs)" in shifted["summary"]
+    assert shifted["summary"].startswith("DRIFT")
+    like = compare_profiles(reference, profile(_images(range(20, 32))))
+    assert not like["drift"] and like["outside_reference"] == 0, like["summary"]
+    two = compare_profiles(reduce_reference(profile(_images(range(2)))), profile(_rescaled(range(2))))
+    assert "not even far outliers are found" in two["summary"], "two reference images give no SD to trust"
+
+
+def test_fail_on_drift_exits_1_for_a_rescaled_copy_of_the_reference(tmp_path, capsys):
+    from medtl.package import save_package
+
+    cfg = RunConfig.from_dict(
+        tiny_config("x.csv", tmp_path / "run", model={"name": "unet_resnet18", "pretrained": "none"})
+    )
+    torch.manual_seed(0)
+    package = save_package(tmp_path / "model", build_model("unet_resnet18", num_classes=3), cfg)
+    for name, images in (("reference", _images(range(3))), ("new", _rescaled(range(3)))):
+        rows = ["image"]
+        for i, image in enumerate(images):
+            sitk.WriteImage(image, str(tmp_path / f"{name}{i}.nrrd"))
+            rows.append(f"{name}{i}.nrrd")
+        (tmp_path / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    args = ["drift", "--model", str(package), "--data", str(tmp_path / "new.csv"), "--quiet"]
+    args += ["--reference", str(tmp_path / "reference.csv"), "--out", str(tmp_path / "d"), "--fail-on-drift"]
+    assert main(args) == 1
+    printed = capsys.readouterr().out
+    assert printed.startswith("DRIFT") and "far outside the reference" in printed and "CSV row 4" in printed
+    # A NaN image would make every statistic NaN and every test pass: it is refused, by name.
+    array = sitk.GetArrayFromImage(_images([0])[0])
+    array[0, 0, 0] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "nan.nrrd"))
+    (tmp_path / "nan.csv").write_text("image\nnan.nrrd\n")
+    args[args.index("--data") + 1] = str(tmp_path / "nan.csv")
+    assert main(args) == 2
+    assert "nan.nrrd: 1 NaN and 0 infinite voxel(s)" in capsys.readouterr().err

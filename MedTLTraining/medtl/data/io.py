@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from medtl.errors import DataError
+from medtl.errors import DataError, RunFailure
 
 
 def read_image(path: str | Path) -> sitk.Image:
@@ -47,19 +48,73 @@ def read_image(path: str | Path) -> sitk.Image:
         raise DataError(f"{path}: cannot read image ({first})") from None
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` as the process's umask lets a new file have it (umask is only readable by setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+class WriteFailure(RunFailure):
+    """A file that could not be written; also an instance of the writer's own error's kind
+    (OSError, or RuntimeError as torch.save and ITK raise), for callers that catch those."""
+
+
+class _OSWriteFailure(WriteFailure, OSError):
+    pass
+
+
+class _RuntimeWriteFailure(WriteFailure, RuntimeError):
+    pass
+
+
+def writing_failure(path: str | Path, err: BaseException) -> WriteFailure:
+    """One line for a write that failed: a full disk, a permission, or the writer's own message.
+
+    torch.save and ITK report a full disk without its errno ("iostream error", "could not write
+    file"), so a disk that is (nearly) full after a failed write is named as the cause.
+    """
+    path = Path(path)
+    number = getattr(err, "errno", None)
+    try:
+        nearly_full = shutil.disk_usage(path.parent).free < (1 << 20)
+    except OSError:
+        nearly_full = False
+    if number == errno.ENOSPC or nearly_full:
+        reason = "no space left on the device"
+    elif number in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "permission denied" if number != errno.EROFS else "read-only file system"
+    else:
+        lines = str(err).strip().splitlines()
+        reason = (getattr(err, "strerror", None) or (lines[-1] if lines else type(err).__name__)).strip()
+    kind = _OSWriteFailure if isinstance(err, OSError) else _RuntimeWriteFailure
+    return kind(f"cannot write {path}: {reason}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path beside ``path``; renames it onto ``path`` only on success."""
+    """Yields a temporary path beside ``path``; renames it onto ``path`` only on success.
+
+    The file gets the permissions a plain ``open`` would give it (0666 less the umask), not the
+    0600 of a temporary file, so colleagues on a shared drive can read it. A failed write raises
+    :class:`~medtl.errors.RunFailure` naming ``path``; any earlier file there is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the full suffix (".seg.nrrd", ".nii.gz") so writers pick the right format.
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Keep the full suffix (".seg.nrrd", ".nii.gz") so writers pick the right format.
+        suffix = "".join(path.suffixes) or ".tmp"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise writing_failure(path, err) from err
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, umask_mode())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch.save's and ITK's write errors
+        raise writing_failure(path, err) from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -67,7 +122,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def replace_directory(built: Path, path: Path) -> None:
     """Puts the directory ``built`` (made beside ``path``) in ``path``'s place, so a reader sees
-    the old directory or the new one, never half of either."""
+    the old directory or the new one, never half of either. It gets the permissions a new folder
+    would (0777 less the umask), not mkdtemp's 0700, so colleagues on a shared drive can open it."""
+    built.chmod(umask_mode(0o777))
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
