@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from medtl.data.io import atomic_write_text, sha256_file
+from medtl.data.io import atomic_write_text, sha256_file, umask_mode
 from medtl.data.presets import CT_WINDOWS, PRESETS
 from medtl.errors import DataError, MedTLError
 
@@ -317,6 +317,7 @@ def export_package(
         atomic_write_text(tmp / "export_report.json", json.dumps(report, indent=2) + "\n")
         if out_dir.exists():
             out_dir.rmdir()
+        tmp.chmod(umask_mode(0o777))  # mkdtemp's 0700 would keep colleagues out of a shared export
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -305,7 +305,7 @@ def test_damaged_and_disguised_files_are_one_line(tmp_path, capsys, kind):
     expected = {
         "text as image": "medtl: error: row 4, image: ",
         "truncated image": "medtl: error: row 4, label: ",
-        "binary csv": "medtl: error: a text file is not UTF-8 text",
+        "binary csv": f"medtl: error: {csv}: not a UTF-8 text CSV",
     }[kind]
     assert line.startswith(expected), line
     if kind != "binary csv":

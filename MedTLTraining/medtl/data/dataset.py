@@ -40,6 +40,13 @@ def load_cases(csv_path: str | Path, *, require_labels: bool = True, label_files
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"dataset CSV not found: {csv_path}")
+    try:
+        return _read_cases(csv_path, require_labels=require_labels, label_files=label_files)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{csv_path}: not a UTF-8 text CSV (byte {err.start}); save it as UTF-8 CSV") from None
+
+
+def _read_cases(csv_path: Path, *, require_labels: bool, label_files: bool) -> list[Case]:
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
