@@ -484,8 +484,8 @@ def evaluate_cases(
     so the metrics are those a user of the package would see. ``domain_column`` names each case's
     domain for a package with one BatchNorm per domain.
     """
+    from medtl.data.checks import read_checked_image, read_checked_label
     from medtl.data.geometry import label_on_image_grid
-    from medtl.data.io import read_image
     from medtl.data.partial_labels import UNKNOWN
     from medtl.errors import DataError
     from medtl.package import classify_image, segment_image
@@ -497,7 +497,10 @@ def evaluate_cases(
     for i, case in enumerate(cases):
         if events is not None:
             events.emit("step", label="evaluate", step=i, total_steps=len(cases))
-        image = read_image(case.image)
+        # Checked like training images (finite voxels, a scalar volume for segmentation), naming the row.
+        image = read_checked_image(
+            case.image, row=case.row, policy=cfg.preprocessing.nan_policy, scalar_3d=not cfg.is_classification
+        )
         domain = (case.extra.get(domain_column) or "").strip() or None if domain_column and package.domains else None
         record: dict[str, Any] = {
             "row": case.row,
@@ -516,7 +519,7 @@ def evaluate_cases(
                 raise DataError(f"row {case.row}: no label file to evaluate against")
             truth_image = label_on_image_grid(
                 image,
-                read_image(case.label),
+                read_checked_label(case.label, row=case.row),
                 where=f"row {case.row}",
                 resample=cfg.data.resample_labels,
                 unknown=UNKNOWN,
