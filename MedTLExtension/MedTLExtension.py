@@ -6,7 +6,6 @@ needs no Qt and is tested headless.
 """
 
 import importlib
-import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -15,11 +14,12 @@ from typing import Annotated
 import numpy as np
 import qt
 import slicer
-import vtk
-from MedTLExtensionLib import dependencies, mrml_bridge, run_folders, terminology, weights_download
+from MedTLExtensionLib import dependencies, mrml_bridge, run_folders, terminology
 from MedTLExtensionLib.engine_process import describe_event
+from MedTLExtensionLib.run_prerequisites import ensure_default_weights, ensure_dependencies, usable_device
 from MedTLExtensionLib.slice_learning import SLICE_VIEWS, LearningOptions, SliceLearner, slice_center_ras
 from MedTLExtensionLib.training_run import NETWORKS_2D
+from MedTLExtensionLib.widget_lifecycle import WidgetLifecycleMixin, is_set
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -43,6 +43,9 @@ LIB_MODULES = (
     "MedTLExtensionLib.terminology",
     "MedTLExtensionLib.training_run",
     "MedTLExtensionLib.slice_learning",
+    "MedTLExtensionLib.i18n",
+    "MedTLExtensionLib.run_prerequisites",
+    "MedTLExtensionLib.widget_lifecycle",
 )
 
 
@@ -103,125 +106,27 @@ class MedTLExtensionParameterNode:
     epochs: Annotated[int, WithinRange(1, 500)] = 20
 
 
-def _isSet(path: Path | str | None) -> bool:
-    # An unset pathlib parameter reads back as Path("."), not as None or "".
-    return path is not None and str(path) not in ("", ".")
-
-
-def ensureDependencies(feature: str = "learn") -> None:
-    """Installs what ``feature`` needs after one confirmation (both MedTL modules call this)."""
-
-    def installTorch(torchRequirement: str, torchvisionRequirement: str) -> bool:
-        import PyTorchUtils
-
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=True,
-            torchVersionRequirement=torchRequirement,
-            torchvisionVersionRequirement=torchvisionRequirement,
-        )
-        return torch is not None
-
-    result = dependencies.ensure_dependencies(
-        feature,
-        confirm=lambda message: slicer.util.confirmOkCancelDisplay(message, windowTitle=_("MedTL: install packages")),
-        install_torch=installTorch if hasattr(slicer.modules, "pytorchutils") else None,
-        pip_install=dependencies.slicer_pip_install,
-        testing=slicer.app.testingEnabled(),
-    )
-    if result.installed:
-        logging.info(f"MedTL installed: {', '.join(result.installed)}")
-    if result.restart_needed and slicer.util.confirmYesNoDisplay(
-        _("Packages that were already loaded were updated. Restart Slicer now so that MedTL uses them?"),
-        windowTitle=_("MedTL: restart needed"),
-    ):
-        slicer.util.restart()
-
-
-def ensureDefaultWeights(network: str, pretrained: str = "imagenet") -> None:
-    """Downloads the ImageNet weights a first run needs, after one confirmation, with a progress dialog."""
-    if weights_download.needed_weights(network, pretrained) is None:
-        return
-    dialog = None
-
-    def confirm(text: str) -> bool:
-        # A self-test must neither block on a dialog nor download.
-        return not slicer.app.testingEnabled() and slicer.util.confirmOkCancelDisplay(
-            text, windowTitle=_("MedTL: download pretrained weights")
-        )
-
-    def progress(done: int, total: int | None) -> bool:
-        nonlocal dialog
-        if dialog is None:
-            dialog = slicer.util.createProgressDialog(
-                windowTitle=_("MedTL"), labelText=_("Downloading the ImageNet weights..."), maximum=100
-            )
-        dialog.value = int(100 * done / total) if total else 0
-        slicer.app.processEvents()
-        return not dialog.wasCanceled
-
-    try:
-        path = weights_download.ensure_weights(network, pretrained, confirm=confirm, progress=progress)
-    finally:
-        if dialog is not None:
-            dialog.close()
-    logging.info(f"MedTL downloaded {path}")
-
-
-_warnedDevices: set[str] = set()
-
-
-def checkDevice(device: str) -> str:
-    """Where a run on ``device`` will compute, from the session's background device check.
-
-    Never waits: while the check is still running the engine decides itself (and says so in the
-    status line). A GPU that cannot be used is explained once per session.
-    """
-    if device == "cpu":
-        return device
-    report = dependencies.DEVICE_CHECK.report(device)
-    if report is None:
-        return device
-    if report.get("warning") and device not in _warnedDevices:
-        _warnedDevices.add(device)
-        slicer.util.warningDisplay(
-            _(
-                "{warning}.\n\nMedTL will train on the CPU (slower). To use the GPU, reinstall PyTorch for it in"
-                " the PyTorch Utils module."
-            ).format(warning=report["warning"]),
-            windowTitle=_("MedTL: GPU not usable"),
-        )
-    return report.get("device", device)
-
-
 #
 # MedTLExtensionWidget
 #
 
 
-class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    POLL_INTERVAL_MS = 300
+class MedTLExtensionWidget(WidgetLifecycleMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module panel: Learn, review (accept, reject, learn again), Apply, Adapt, Paint next.
+
+    Parameter node, scene close, enter/exit and polling the job come from :class:`WidgetLifecycleMixin`.
+    """
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic: MedTLExtensionLogic | None = None
-        self._parameterNode: MedTLExtensionParameterNode | None = None
-        self._parameterNodeGuiTag = None
-        self._pollTimer: qt.QTimer | None = None
         self._showOverlays = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedTLExtension.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        # The .ui connects mrmlSceneChanged to every node selector.
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-
         self.logic = MedTLExtensionLogic()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.setupLifecycle("UI/MedTLExtension.ui", self.logic.learner, qt.QTimer(), pollIntervalMs=300)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self._updateButtons)
 
         self.ui.learnButton.connect("clicked(bool)", self.onLearnButton)
@@ -232,49 +137,22 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.cleanRunsButton.connect("clicked(bool)", self.onCleanRunsButton)
         self.ui.nextSliceButton.connect("clicked(bool)", self.onNextSliceButton)
-        self.ui.progressBar.setRange(0, 100)
-        self.ui.progressBar.hide()
-
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
-        self._pollTimer.connect("timeout()", self.onPollTimer)
 
         self.initializeParameterNode()
         # Once per session, in the background: the answer is ready when the user starts a run.
         if dependencies.installed_version("torch"):
             dependencies.DEVICE_CHECK.start(self._parameterNode.device)
 
-    def cleanup(self) -> None:
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
-        if self.logic is not None:
-            self.logic.learner.close()
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        # Disconnect so that parameter changes made elsewhere do not update a hidden GUI;
-        # a running job keeps being polled.
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-
-    def onSceneStartClose(self, caller, event) -> None:
+    def onSceneClosing(self) -> None:
         # A job's result must not be imported against volumes the closed scene removed.
-        if self.logic is not None and self.logic.learner.is_running:
+        if self.logic.learner.is_running:
             self._pollTimer.stop()
             self.ui.progressBar.hide()
             self.ui.statusLabel.text = _("Stopped: the scene was closed.")
-        if self.logic is not None:
-            self.logic.learner.on_scene_closed()
-        self.setParameterNode(None)
+        self.logic.learner.on_scene_closed()
 
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
+    def stopJob(self) -> None:
+        self.logic.learner.close()
 
     def onReload(self) -> None:
         # Slicer reloads only the module file; reload the library too so edits to it take effect.
@@ -283,22 +161,11 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 importlib.reload(sys.modules[name])
         super().onReload()
 
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        if not self._parameterNode.inputSegmentation:
-            self._parameterNode.inputSegmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
-
-    def setParameterNode(self, inputParameterNode: MedTLExtensionParameterNode | None) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-        self._updateButtons()
+    def setDefaultParameters(self, parameterNode: MedTLExtensionParameterNode) -> None:
+        if not parameterNode.inputVolume:
+            parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not parameterNode.inputSegmentation:
+            parameterNode.inputSegmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
 
     def _updateButtons(self, caller=None, event=None) -> None:
         learner = self.logic.learner if self.logic else None
@@ -324,29 +191,29 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if reviewing
             else ""
         )
-        self.ui.applyButton.enabled = hasVolume and _isSet(node.modelPackage) and not running
+        self.ui.applyButton.enabled = hasVolume and is_set(node.modelPackage) and not running
         self.ui.adaptButton.enabled = self.ui.applyButton.enabled
         self.ui.cancelButton.enabled = running
         self.ui.cleanRunsButton.enabled = not running
 
     def onLearnButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not start learning from the painted slices."), waitCursor=True):
-            ensureDependencies()
+            ensure_dependencies()
             p = self._parameterNode
-            options = LearningOptions(epochs=p.epochs, device=checkDevice(p.device), network=p.network)
-            ensureDefaultWeights(options.network, options.pretrained)
+            options = LearningOptions(epochs=p.epochs, device=usable_device(p.device), network=p.network)
+            ensure_default_weights(options.network, options.pretrained)
             self.logic.learner.start_learning(p.inputVolume, p.inputSegmentation, options)
             self._showOverlays = False
             self._onJobStarted(_("Preparing the painted slices..."))
 
     def onApplyButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not apply the model."), waitCursor=True):
-            ensureDependencies()
+            ensure_dependencies()
             p = self._parameterNode
             self.logic.learner.start_apply(
                 p.inputVolume,
                 p.modelPackage,
-                device=checkDevice(p.device),
+                device=usable_device(p.device),
                 probabilities=p.showProbability,
                 uncertainty=p.showUncertainty,
                 gradcam=p.showGradCam,
@@ -357,9 +224,9 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAdaptButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not adapt the model."), waitCursor=True):
-            ensureDependencies()
+            ensure_dependencies()
             p = self._parameterNode
-            self.logic.learner.start_adapt([p.inputVolume], p.modelPackage, device=checkDevice(p.device))
+            self.logic.learner.start_adapt([p.inputVolume], p.modelPackage, device=usable_device(p.device))
             self._onJobStarted(_("Adapting the model to the volume (AdaBN)..."))
 
     def onAcceptButton(self) -> None:
@@ -395,38 +262,13 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             done = run_folders.clean_run_folders(root, keep=keep)
             self.ui.statusLabel.text = _("Deleted {count} run folders.").format(count=len(done.removed))
 
-    def _onJobStarted(self, message: str) -> None:
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.show()
-        self.ui.statusLabel.text = message
-        self._pollTimer.start()
-        self._updateButtons()
-
-    def onPollTimer(self) -> None:
-        learner = self.logic.learner
-        try:
-            for event in learner.poll():
-                progress, text = self._describe(event)
-                if progress is not None:
-                    self.ui.progressBar.value = progress
-                if text:
-                    self.ui.statusLabel.text = text
-        except Exception as error:
-            self._pollTimer.stop()
-            self.ui.statusLabel.text = _("Failed: {message}").format(message=error)
-            self._updateButtons()
-            slicer.util.errorDisplay(str(error), detailedText=learner.last_log)
-            return
-        if learner.is_running:
-            return
-        self._pollTimer.stop()
+    def onJobFinished(self, learner: SliceLearner) -> None:
         if learner.last_package is not None and self._parameterNode is not None:
             # The package just learned is what "Apply model" should use next (e.g. on another volume).
             self._parameterNode.modelPackage = learner.last_package
         if learner.result_segmentation is not None:
             self._showResult(learner)
         self._showSuggestions(learner)
-        self._updateButtons()
 
     def _showSuggestions(self, learner: SliceLearner) -> None:
         self.ui.nextSliceComboBox.clear()
@@ -454,8 +296,7 @@ class MedTLExtensionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:  # a layout without that view: every view goes through the slice's centre
             slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *ras)
 
-    @staticmethod
-    def _describe(event: dict) -> tuple[int | None, str]:
+    def describeEvent(self, event: dict) -> tuple[int | None, str]:
         kind = event.get("event")
         if kind == "stage":
             return 0, _("Segmenting the volume with the learned model...")
@@ -567,7 +408,7 @@ class MedTLExtensionTest(ScriptedLoadableModuleTest):
 
     def test_LearnReviewAcceptApply(self) -> None:
         self.delayDisplay("Learning from 3 painted slices of a synthetic volume")
-        ensureDependencies()
+        ensure_dependencies()
         volume, painted, truth = self.makeScene()
         logic = MedTLExtensionLogic(workRoot=Path(tempfile.mkdtemp(prefix="MedTLSelfTest-")))
         learner = logic.learner

@@ -13,9 +13,9 @@ from typing import Annotated
 
 import qt
 import slicer
-import vtk
 from MedTLExtensionLib import training_run
 from MedTLExtensionLib.engine_process import describe_event
+from MedTLExtensionLib.run_prerequisites import ensure_default_weights, ensure_dependencies, usable_device
 from MedTLExtensionLib.training_run import (
     AUGMENTATIONS,
     DEVICES,
@@ -26,6 +26,7 @@ from MedTLExtensionLib.training_run import (
     STRATEGIES,
     TrainingRun,
 )
+from MedTLExtensionLib.widget_lifecycle import WidgetLifecycleMixin, is_set
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, Decimals, SingleStep, WithinRange, parameterNodeWrapper
@@ -107,95 +108,42 @@ class MedTLTrainingParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "auto"
 
 
-def _isSet(path: Path | str | None) -> bool:
-    # An unset pathlib parameter reads back as Path("."), not as None or "".
-    return path is not None and str(path) not in ("", ".")
-
-
 #
 # MedTLTrainingWidget
 #
 
 
-class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    POLL_INTERVAL_MS = 500
+class MedTLTrainingWidget(WidgetLifecycleMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The training panel; parameter node, scene close and polling the run: :class:`WidgetLifecycleMixin`."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic: MedTLTrainingLogic | None = None
-        self._parameterNode: MedTLTrainingParameterNode | None = None
-        self._parameterNodeGuiTag = None
-        self._pollTimer: qt.QTimer | None = None
         self._pairs: list = []
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedTLTraining.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-
         self.logic = MedTLTrainingLogic()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
-        self.ui.pairsTable.setHorizontalHeaderLabels([_("Use"), _("Volume / segmentation"), _("Site")])
-        self.ui.pairsTable.horizontalHeader().setStretchLastSection(True)
+        self.setupLifecycle("UI/MedTLTraining.ui", self.logic.run, qt.QTimer(), pollIntervalMs=500)
         self.ui.refreshPairsButton.connect("clicked(bool)", self.refreshPairs)
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.openReportButton.connect("clicked(bool)", self.onOpenReportButton)
-        self.ui.progressBar.setRange(0, 100)
-        self.ui.progressBar.hide()
-
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
-        self._pollTimer.connect("timeout()", self.onPollTimer)
+        self.ui.pairsTable.setHorizontalHeaderLabels([_("Use"), _("Volume / segmentation"), _("Site")])
+        self.ui.pairsTable.horizontalHeader().setStretchLastSection(True)
 
         self.initializeParameterNode()
         self.refreshPairs()
-
-    def cleanup(self) -> None:
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
-        if self.logic is not None:
-            self.logic.run.cancel()
-        self.removeObservers()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        super().enter()
         self.refreshPairs()
 
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not _isSet(self._parameterNode.outputDirectory):
-            self._parameterNode.outputDirectory = Path(slicer.app.defaultScenePath) / "MedTL" / "training"
-
-    def setParameterNode(self, inputParameterNode: MedTLTrainingParameterNode | None) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-        self._updateButtons()
+    def setDefaultParameters(self, parameterNode: MedTLTrainingParameterNode) -> None:
+        if not is_set(parameterNode.outputDirectory):
+            parameterNode.outputDirectory = Path(slicer.app.defaultScenePath) / "MedTL" / "training"
 
     def refreshPairs(self) -> None:
         """Lists the scene's segmentations with their reference volumes, all ticked."""
@@ -227,8 +175,8 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pairsTable.visible = self.ui.refreshPairsButton.visible = fromScene
         self.ui.dataPathPathLineEdit.visible = self.ui.dataPathLabel.visible = not fromScene
         self.ui.weightsFilePathLineEdit.enabled = bool(node) and node.pretrained == "file"
-        hasData = bool(self._pairs) if fromScene else bool(node) and _isSet(node.dataPath)
-        ready = bool(node) and hasData and _isSet(node.outputDirectory)
+        hasData = bool(self._pairs) if fromScene else bool(node) and is_set(node.dataPath)
+        ready = bool(node) and hasData and is_set(node.outputDirectory)
         self.ui.startButton.enabled = ready and not running
         self.ui.resumeButton.enabled = bool(node) and not running and training_run.can_resume(node.outputDirectory)
         self.ui.cancelButton.enabled = running
@@ -243,20 +191,16 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 )
             ):
                 return
-            import MedTLExtension
-
-            MedTLExtension.ensureDependencies("train")
-            MedTLExtension.ensureDefaultWeights(p.network, p.pretrained)
-            config = self.logic.buildConfig(p, self._chosenPairs(), device=MedTLExtension.checkDevice(p.device))
+            ensure_dependencies("train")
+            ensure_default_weights(p.network, p.pretrained)
+            config = self.logic.buildConfig(p, self._chosenPairs(), device=usable_device(p.device))
             self.logic.run.start(config)
             self._onJobStarted(_("Starting training in {dir}...").format(dir=config["output_dir"]))
 
     def onResumeButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not resume training."), waitCursor=True):
-            import MedTLExtension
-
-            MedTLExtension.ensureDependencies("train")
-            device = MedTLExtension.checkDevice(self._parameterNode.device)
+            ensure_dependencies("train")
+            device = usable_device(self._parameterNode.device)
             self.logic.run.resume(self._parameterNode.outputDirectory, device=device)
             self._onJobStarted(_("Resuming from the last checkpoint..."))
 
@@ -269,42 +213,22 @@ class MedTLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(report)))
 
     def _onJobStarted(self, message: str) -> None:
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.show()
-        self.ui.statusLabel.text = message
         # The curves fill in as epochs end, in the layout's plot view.
         slicer.modules.plots.logic().ShowChartInLayout(self.logic.run.curves.chart)
-        self._pollTimer.start()
-        self._updateButtons()
+        super()._onJobStarted(message)
 
-    def onPollTimer(self) -> None:
-        run = self.logic.run
-        try:
-            for event in run.poll():
-                if event.get("event") == "cancelled":
-                    self.ui.statusLabel.text = _("Cancelled. The last checkpoint is kept: Resume continues from it.")
-                    continue
-                progress, text = describe_event(event)
-                if progress is not None:
-                    self.ui.progressBar.value = progress
-                if text:
-                    self.ui.statusLabel.text = text
-        except Exception as error:
-            self._pollTimer.stop()
-            self.ui.statusLabel.text = _("Failed: {message}").format(message=error)
-            self._updateButtons()
-            slicer.util.errorDisplay(str(error), detailedText=run.last_log)
-            return
-        if run.is_running:
-            return
-        self._pollTimer.stop()
+    def describeEvent(self, event: dict) -> tuple[int | None, str]:
+        if event.get("event") == "cancelled":
+            return None, _("Cancelled. The last checkpoint is kept: Resume continues from it.")
+        return describe_event(event)
+
+    def onJobFinished(self, run: TrainingRun) -> None:
         if run.result is not None:
             self.ui.progressBar.value = 100
             table = self.logic.showMetrics()
             self.ui.statusLabel.text = _("Done. Model package: {package} (metrics in the table '{table}').").format(
                 package=run.result.get("package"), table=table.GetName()
             )
-        self._updateButtons()
 
 
 #
@@ -334,7 +258,7 @@ class MedTLTrainingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def buildConfig(p: MedTLTrainingParameterNode, scenePairs: list, device: str | None = None) -> dict:
         """The run configuration; scene pairs are first written as a data set in the run directory."""
-        if not _isSet(p.outputDirectory):
+        if not is_set(p.outputDirectory):
             raise ValueError(_("Choose a run directory."))
         runDir = Path(p.outputDirectory)
         labelNames = None
@@ -342,7 +266,7 @@ class MedTLTrainingLogic(ScriptedLoadableModuleLogic):
             csv, labelNames = training_run.export_scene_dataset(
                 slicer.mrmlScene, slicer.modules.segmentations.logic(), scenePairs, runDir / "data"
             )
-        elif _isSet(p.dataPath) and Path(p.dataPath).is_dir():
+        elif is_set(p.dataPath) and Path(p.dataPath).is_dir():
             csv = training_run.dataset_csv_from_folder(p.dataPath, runDir / "dataset.csv")
         else:
             csv = p.dataPath
@@ -352,7 +276,7 @@ class MedTLTrainingLogic(ScriptedLoadableModuleLogic):
             label_names=labelNames,
             network=p.network,
             pretrained=p.pretrained,
-            weights_file=p.weightsFile if _isSet(p.weightsFile) else None,
+            weights_file=p.weightsFile if is_set(p.weightsFile) else None,
             strategy=p.strategy,
             preset=p.preset,
             augmentation=p.augmentation,
@@ -405,10 +329,8 @@ class MedTLTrainingTest(ScriptedLoadableModuleTest):
         import numpy as np
         from MedTLExtensionLib import mrml_bridge
 
-        import MedTLExtension
-
         self.delayDisplay("Training from two scene pairs")
-        MedTLExtension.ensureDependencies("train")
+        ensure_dependencies("train")
         rng = np.random.default_rng(0)
         for index in range(2):
             j, i = np.indices((48, 48))

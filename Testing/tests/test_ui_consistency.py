@@ -12,7 +12,11 @@ is checked, for each module:
 (d) every .py file in the module folder is built: listed in, or globbed by, the module's
     CMakeLists (else it works from the source tree but is missing from the installed
     extension);
-(e) every resource the CMakeLists lists exists.
+(e) every resource the CMakeLists lists exists;
+(f) every ``self.ui.<name>`` in the shared widget lifecycle (``MedTLExtensionLib/widget_lifecycle.py``,
+    inherited by both module widgets) is a widget of each module's .ui;
+(g) the module files share code through the library only: neither imports the other module's file,
+    and the Slicer-side library imports no Qt (``qt``, ``ctk``), so that it runs headless.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class ModuleSpec:
 
 
 MODULES = [ModuleSpec("MedTLExtension"), ModuleSpec("MedTLTraining")]
+LIBRARY = REPO / "MedTLExtension" / "MedTLExtensionLib"
+SHARED_LIFECYCLE = LIBRARY / "widget_lifecycle.py"
 
 
 # --------------------------------------------------------------------------- parsers
@@ -177,6 +183,21 @@ def cmake_lists(text: str, source_dir: Path) -> dict[str, list[str]]:
     return variables
 
 
+def imported_modules(source: str) -> dict[str, int]:
+    """Top-level names of the modules a source imports (at any depth), with the first line of each."""
+    found: dict[str, int] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            found.setdefault(name.split(".")[0], node.lineno)
+    return found
+
+
 def python_files(folder: Path) -> list[str]:
     return sorted(
         path.relative_to(folder).as_posix() for path in folder.rglob("*.py") if "__pycache__" not in path.parts
@@ -266,6 +287,33 @@ def test_cmake_builds_every_python_file(module: ModuleSpec) -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_shared_lifecycle_widgets_exist(module: ModuleSpec) -> None:
+    ui = parse_ui(module.ui.read_text(encoding="utf-8"))
+    used = ui_names_used(SHARED_LIFECYCLE.read_text(encoding="utf-8"))
+    assert used, "widget_lifecycle.py uses no self.ui.<widget>; is this check still reading the right file?"
+    problems = widget_name_problems(module.name, ui, used)
+    assert not problems, "\n".join(p.replace(f"{module.name}.py", SHARED_LIFECYCLE.name) for p in problems)
+
+
+def test_modules_share_code_through_the_library_only(module: ModuleSpec) -> None:
+    imports = imported_modules(module.script.read_text(encoding="utf-8"))
+    others = [m.name for m in MODULES if m.name != module.name and m.name in imports]
+    assert not others, (
+        f"{module.name}.py imports {others} (line {imports[others[0]]}): what both modules use belongs in "
+        "MedTLExtensionLib"
+    )
+
+
+def test_library_imports_no_qt() -> None:
+    problems = [
+        f"{path.relative_to(REPO)} line {line} imports {name}"
+        for path in sorted(LIBRARY.glob("*.py"))
+        for name, line in imported_modules(path.read_text(encoding="utf-8")).items()
+        if name in ("qt", "ctk")
+    ]
+    assert not problems, "the Slicer-side library must run without Qt:\n" + "\n".join(problems)
+
+
 def test_mrml_selectors_get_the_scene(module: ModuleSpec) -> None:
     # A qMRMLNodeComboBox without the mrmlSceneChanged connection stays empty in Slicer.
     root = ET.fromstring(module.ui.read_text(encoding="utf-8"))
@@ -328,6 +376,11 @@ def test_checker_reports_inconsistent_ui() -> None:
     # (c) a button used in code but absent from the .ui
     assert "uses self.ui.startButton, but the .ui has no widget 'startButton'" in text
     assert len(problems) == 4, text
+
+
+def test_import_checker_sees_nested_imports() -> None:
+    source = "import os\ndef f():\n    import MedTLExtension\n    from qt import QTimer\n"
+    assert imported_modules(source) == {"os": 1, "MedTLExtension": 3, "qt": 4}
 
 
 def test_checker_reports_unbuilt_python_file(tmp_path: Path) -> None:
