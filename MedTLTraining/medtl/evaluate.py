@@ -484,12 +484,11 @@ def evaluate_cases(
     so the metrics are those a user of the package would see. ``domain_column`` names each case's
     domain for a package with one BatchNorm per domain.
     """
-    from medtl.data.checks import read_checked_image, read_checked_label
-    from medtl.data.geometry import label_on_image_grid
+    from medtl.data.checks import read_checked_image
     from medtl.data.partial_labels import UNKNOWN
     from medtl.errors import DataError
     from medtl.package import classify_image, segment_image
-    from medtl.pipeline import class_target
+    from medtl.pipeline import case_label_image, class_target
     from medtl.provenance import path_sha256
 
     cfg = package.config
@@ -517,13 +516,7 @@ def evaluate_cases(
         else:
             if case.label is None:
                 raise DataError(f"row {case.row}: no label file to evaluate against")
-            truth_image = label_on_image_grid(
-                image,
-                read_checked_label(case.label, row=case.row),
-                where=f"row {case.row}",
-                resample=cfg.data.resample_labels,
-                unknown=UNKNOWN,
-            )
+            truth_image = case_label_image(case, image, cfg)
             labels, _ = segment_image(package, image, device=device, domain=domain)
             pred = sitk.GetArrayFromImage(labels)
             truth = sitk.GetArrayFromImage(truth_image).astype(np.int64)

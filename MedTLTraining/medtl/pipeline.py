@@ -39,14 +39,7 @@ def load_case_arrays(case: Case, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray
 
     def make() -> dict[str, np.ndarray]:
         image = read_checked_image(case.image, row=case.row, policy=cfg.preprocessing.nan_policy)
-        label_image = label_on_image_grid(
-            image,
-            read_checked_label(case.label, row=case.row),
-            where=f"row {case.row}: label {case.label.name} of image {case.image.name}",
-            resample=cfg.data.resample_labels,
-            unknown=UNKNOWN,
-        )
-        labels = sitk.GetArrayFromImage(working_image(label_image, cfg, labels=True))
+        labels = sitk.GetArrayFromImage(working_image(case_label_image(case, image, cfg), cfg, labels=True))
         return {"image": preprocess(image, cfg), "label": compact_labels(labels)}
 
     arrays = _cached(cfg, [case.image, case.label], "segmentation", make)
@@ -61,6 +54,18 @@ def load_case_arrays(case: Case, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray
     if cfg.data.labelled_slices and cfg.spatial_dims == 2:
         labels = unpainted_slices_unknown(labels, SLICE_AXES[cfg.preprocessing.slice_axis])
     return arrays["image"], labels
+
+
+def case_label_image(case: Case, image: sitk.Image, cfg: RunConfig) -> sitk.Image:
+    """A CSV row's label file, checked (whole numbers) and on its image's grid: an error naming the
+    row when the grids differ, or resampled onto the image (``data.resample_labels``)."""
+    return label_on_image_grid(
+        image,
+        read_checked_label(case.label, row=case.row),
+        where=f"row {case.row}: label {case.label.name} of image {case.image.name}",
+        resample=cfg.data.resample_labels,
+        unknown=UNKNOWN,
+    )
 
 
 def compact_labels(labels: np.ndarray) -> np.ndarray:

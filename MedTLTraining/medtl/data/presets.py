@@ -113,11 +113,10 @@ def training_transform(
     """Augmentation in the preset's space, ending in a patch of ``patch_size``.
 
     Segmentation: pad to the patch (padding = 0 = air), augment image and label alike, crop a
-    patch centred on a voxel of a class drawn with ``class_ratios`` (MONAI's
-    ``RandCropByLabelClassesd``: one chance per label value, background first; a class missing
-    from a sample gives its chance to the others; unknown voxels, 255, are never a centre), or
-    anywhere at random without ``class_ratios``. The result is one dict (not MONAI's list of
-    samples). Classification: resize the whole image to the patch, augment the image.
+    patch centred on a class drawn with ``class_ratios`` (MONAI's ``RandCropByLabelClassesd``,
+    background first; a class missing from a sample gives its chance to the others; unknown
+    voxels are never a centre), or anywhere without them. Classification: resize the whole
+    image to the patch, augment the image.
 
     Levels (each step is a MONAI transform, random under ``Compose.set_random_state``):
 
@@ -181,23 +180,25 @@ def training_transform(
             steps.append(RandGaussianNoised(keys="image", prob=0.3, std=noise))
             steps.append(RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.1 if level == "strong" else 0.05)))
     if not classification:
-        if class_ratios is None:
-            steps.append(RandSpatialCropd(keys=spatial_keys, roi_size=patch_size, random_size=False))
-        else:
-            steps += [
-                RandCropByLabelClassesd(
-                    keys=spatial_keys,
-                    label_key="label",
-                    spatial_size=patch_size,
-                    ratios=list(class_ratios),
-                    num_classes=len(class_ratios),
-                    num_samples=1,
-                    warn=False,
-                ),
-                Lambda(_single_sample),
-            ]
+        steps += _patch_crop(spatial_keys, patch_size, class_ratios)
     # map_items=False: the last step gets the crop's list itself, not each of its items.
     return Compose(steps, map_items=False)
+
+
+def _patch_crop(keys: Sequence[str], patch_size: Sequence[int], class_ratios: Sequence[float] | None) -> list:
+    """The last step of a segmentation augmentation: a patch anywhere, or centred by class."""
+    if class_ratios is None:
+        return [RandSpatialCropd(keys=keys, roi_size=patch_size, random_size=False)]
+    crop = RandCropByLabelClassesd(
+        keys=keys,
+        label_key="label",
+        spatial_size=patch_size,
+        ratios=list(class_ratios),
+        num_classes=len(class_ratios),
+        num_samples=1,
+        warn=False,
+    )
+    return [crop, Lambda(_single_sample)]
 
 
 def _single_sample(samples):
