@@ -46,6 +46,9 @@ from medtl.training.trainer import BEST, CHECKPOINT  # noqa: F401
 
 @dataclass
 class FitResult:
+    """What :func:`fit` gives back: the trained network (in eval mode), the per-epoch history, the
+    run's time and throughput, the epoch whose weights were kept and whether it stopped early."""
+
     model: TransferNet
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0

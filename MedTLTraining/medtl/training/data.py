@@ -46,6 +46,8 @@ class SampleSeeds(Sampler[list[tuple[int, int]]]):
 
 
 class SeededSamples(torch.utils.data.Dataset):
+    """The training samples, augmented with the seed each drawn index carries (see :class:`SampleSeeds`)."""
+
     def __init__(self, items: Sequence[dict[str, Any]], transform) -> None:
         self.items = list(items)
         self.transform = transform

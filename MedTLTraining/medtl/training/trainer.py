@@ -89,9 +89,15 @@ class Trainer(Setup):
         handlers: Iterable[Handler] = (),
     ) -> None:
         super().__init__(
-            cfg, items, run_dir=run_dir, events=events, resume=resume, model=model, n_domains=n_domains,
+            cfg,
+            items,
+            run_dir=run_dir,
+            events=events,
+            resume=resume,
+            model=model,
+            n_domains=n_domains,
             target_items=target_items,
-        )  # fmt: skip
+        )
         self.scorer = scorer
         self.checkpoint_path = self.run_dir / CHECKPOINT
         self.best_path = self.run_dir / BEST
