@@ -67,7 +67,7 @@ def test_a_gpu_without_room_for_the_batch_starts_in_micro_batches(monkeypatch):
     model.train()
     estimate = estimate_training_memory(model, (1, 128, 128), batch_size=8)
     room = estimate.with_batch(3).total + 1
-    monkeypatch.setattr("medtl.train.available_memory", lambda device: room)
+    monkeypatch.setattr("medtl.training.backoff.available_memory", lambda device: room)
     seen = []
     micro = _memory_check(
         model, cfg, torch.device("cuda"), World(0, 1, 0), 8, 8, False, EventSink(listeners=[seen.append])
