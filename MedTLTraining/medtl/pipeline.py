@@ -21,7 +21,7 @@ from medtl.config import RunConfig
 from medtl.data.checks import read_checked_image, read_checked_label
 from medtl.data.dataset import Case, load_cases
 from medtl.data.geometry import SLICE_AXES, label_on_image_grid
-from medtl.data.io import atomic_write_text, read_image
+from medtl.data.io import atomic_write_text
 from medtl.data.partial_labels import UNKNOWN, unpainted_slices_unknown
 from medtl.data.slices import slice_items
 from medtl.errors import DataError
@@ -115,7 +115,10 @@ def classification_image(case: Case, cfg: RunConfig) -> np.ndarray:
     """The preprocessed image of a classification row: (1, y, x) or (1, z, y, x)."""
 
     def make() -> dict[str, np.ndarray]:
-        return {"image": preprocess(read_image(case.image), cfg, ndim=cfg.spatial_dims)}
+        image = read_checked_image(
+            case.image, row=case.row, policy=cfg.preprocessing.nan_policy, scalar_3d=cfg.spatial_dims == 3
+        )
+        return {"image": preprocess(image, cfg, ndim=cfg.spatial_dims)}
 
     return _cached(cfg, [case.image], "classification", make)["image"][None]
 
@@ -155,7 +158,7 @@ def unlabelled_items(cases: list[Case], cfg: RunConfig) -> list[dict]:
             image = classification_image(case, cfg)
             items.append({"image": image, "label": np.zeros(len(cfg.data.label_names) if cfg.data.multi_label else 1)})
             continue
-        volume = preprocess(read_image(case.image), cfg)
+        volume = preprocess(read_checked_image(case.image, row=case.row, policy=cfg.preprocessing.nan_policy), cfg)
         if cfg.spatial_dims == 2:
             volume = np.moveaxis(volume, SLICE_AXES[cfg.preprocessing.slice_axis], 0)
             blank = np.zeros(volume.shape, np.uint8)

@@ -327,3 +327,18 @@ def test_the_checks_import_without_torch():
     env = {**os.environ, "PYTHONPATH": str(REPO / "MedTLTraining")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_unlabelled_target_images_are_checked_too(tmp_path):
+    """AdaBN and DANN read images without labels: a NaN there is named like anywhere else."""
+    from medtl.adaptation.adapt_package import target_images
+    from medtl.config import RunConfig
+    from medtl.errors import DataError
+
+    array = np.zeros((4, 16, 16), np.float32)
+    array[1, 2, 3] = np.nan
+    path = tmp_path / "target.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    cfg = RunConfig.from_dict({"model": {"pretrained": "none"}})
+    with pytest.raises(DataError, match="target.nrrd"):
+        target_images([path], cfg)

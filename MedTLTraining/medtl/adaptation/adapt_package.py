@@ -31,7 +31,8 @@ import torch
 from medtl.adaptation.batchnorm import adapt_batchnorm, batchnorm_layers
 from medtl.adaptation.dsbn import add_domain, domain_layers, use_domain
 from medtl.config import RunConfig
-from medtl.data.io import read_image, sha256_file
+from medtl.data.checks import read_checked_image
+from medtl.data.io import sha256_file
 from medtl.errors import DataError
 from medtl.events import EventSink
 
@@ -43,7 +44,8 @@ def target_images(paths: Sequence[str | Path], cfg: RunConfig) -> list[np.ndarra
     if not paths:
         raise DataError("no target-domain images given")
     ndim = cfg.spatial_dims if cfg.is_classification else 3
-    return [preprocess(read_image(p), cfg, ndim=ndim) for p in paths]
+    policy, scalar = cfg.preprocessing.nan_policy, not (cfg.is_classification and cfg.spatial_dims == 2)
+    return [preprocess(read_checked_image(p, policy=policy, scalar_3d=scalar), cfg, ndim=ndim) for p in paths]
 
 
 def statistics_pass(
