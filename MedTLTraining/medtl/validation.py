@@ -242,6 +242,12 @@ def cross_validate(
     plan_file = out_dir / "folds.json"
     if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != plan:
         raise DataError(f"{plan_file}: this folder holds a cross-validation with other folds; use a new output_dir")
+    if plan_file.is_file() and not resume:
+        # The same folds again would retrain and overwrite every fold's model without a word.
+        raise DataError(
+            f"{plan_file}: this folder holds a cross-validation already; continue it with --resume, "
+            "or use a new output_dir"
+        )
     _write_json(plan_file, plan)
     device = resolve_device(cfg.train.device, events)
     all_records: list[dict[str, Any]] = []

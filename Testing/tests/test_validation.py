@@ -307,6 +307,9 @@ def test_cross_validation_keeps_patients_whole_and_resumes(tmp_path, grouped_dat
     stamp = (out / "fold_1" / "model" / "medtl_package.json").stat().st_mtime_ns
     assert main([*args, "--resume"]) == 0
     assert (out / "fold_1" / "model" / "medtl_package.json").stat().st_mtime_ns == stamp  # nothing retrained
+    assert main(args) == 2  # the same folds again, unasked, would overwrite every fold's model
+    assert "holds a cross-validation already; continue it with --resume" in capsys.readouterr().err
+    assert (out / "fold_1" / "model" / "medtl_package.json").stat().st_mtime_ns == stamp
     assert main([*args[:3], "2", *args[4:]]) == 2  # other folds in the same folder would mix two plans
     assert "holds a cross-validation with other folds" in capsys.readouterr().err
 
