@@ -88,6 +88,11 @@ def test_an_edit_after_signing_is_refused(package, key, capsys, tamper):
         load_package(package)
     code, lines = cli(capsys, "predict", "--model", str(package), "--image", "x.nrrd", "--out", "y.nrrd")
     assert code == 2 and "changed after signing" in lines[0]
+    # Nor does training start from it (model.pretrained may name a package).
+    from medtl.models.weights import read_state_dict
+
+    with pytest.raises(WeightsError, match="changed after signing"):
+        read_state_dict(package)
 
 
 def test_without_a_signature_hashes_alone_cannot_tell(package, capsys):

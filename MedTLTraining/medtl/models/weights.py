@@ -125,13 +125,16 @@ class LoadReport:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Reads a state dict from safetensors, a ``weights_only``-safe torch file (or checkpoint), or a
-    MedTL model package directory (its weights, after the package's sha256 check)."""
+    MedTL model package directory (its weights, after the package's signature and sha256 checks)."""
     path = Path(path)
     if path.is_dir():
         from medtl.package import MANIFEST, WEIGHTS, read_manifest
 
         if not (path / MANIFEST).is_file():
             raise WeightsError(f"{path} is a folder but not a MedTL model package (no {MANIFEST})")
+        from medtl.signing import verify_package
+
+        verify_package(path)  # a signed package changed after signing is refused here too, not only by predict
         manifest = read_manifest(path)
         expected = manifest.get("files", {}).get(WEIGHTS)
         if expected is None or sha256_file(path / WEIGHTS) != expected:
