@@ -43,11 +43,13 @@ def test_a_cached_run_reads_no_image_and_trains_the_same_network(tmp_path, synth
     entries = sorted(p for p in cache.glob("*/*") if (p / "complete").is_file())
     assert len(entries) == 4  # every case, training and validation, once
 
-    def no_reading(path):
+    def no_reading(path, **_options):
         raise AssertionError(f"read {path} although it is cached")
 
     with monkeypatch.context() as m:
-        m.setattr("medtl.pipeline.read_image", no_reading)
+        # Preprocessing a case starts by reading its image through this reader. (The run's report
+        # reads the validation cases again to score them as `medtl evaluate` would.)
+        m.setattr("medtl.pipeline.read_checked_image", no_reading)
         run_training(_cfg(csv, tmp_path / "second", cache), events=EventSink())
     plain, first, second = (_weights(tmp_path / r) for r in ("plain", "first", "second"))
     for key, value in plain.items():
