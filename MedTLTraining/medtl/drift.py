@@ -222,7 +222,8 @@ def _embedding_test(ref: np.ndarray, cur: np.ndarray, seed: int = 0) -> float:
 def _distances(ref: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Distance to the reference's centre in reference standard deviations (per dimension),
     scaled by sqrt(dimensions): about 1 for a typical reference image."""
-    centre, sd = ref.mean(0), ref.std(0, ddof=1)
+    # One reference point has no spread (numpy would warn and give NaN): unit scale, as for a constant.
+    centre, sd = ref.mean(0), ref.std(0, ddof=1) if len(ref) > 1 else np.ones(ref.shape[1])
     sd = np.where(sd > 1e-12, sd, 1.0)
     return np.sqrt((((points - centre) / sd) ** 2).mean(1))
 
