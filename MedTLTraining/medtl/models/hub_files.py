@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from medtl.data.io import sha256_file
 from medtl.errors import WeightsError
 
 # Full sha256 of files we have seen byte for byte (the name only carries a prefix).
@@ -129,18 +130,10 @@ def check_digest(digest: str, file_name: str, where: str | Path) -> None:
         )
 
 
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_file(path: str | Path, file_name: str | None = None) -> str:
     """The file's sha256, if it is what its (or ``file_name``'s) name promises; else :class:`WeightsError`."""
     path = Path(path)
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     check_digest(digest, file_name or path.name, path)
     return digest
 
@@ -189,7 +182,7 @@ def install_file(source: str | Path, file_name: str | None = None) -> Path:
         )
     if not source.is_file():
         raise WeightsError(f"weight file not found: {source}")
-    check_digest(sha256_of(source), name, source)
+    check_digest(sha256_file(source), name, source)
     target = checkpoint_path(name)
     with _temporary_beside(target) as (tmp, out), open(source, "rb") as src:
         shutil.copyfileobj(src, out)
