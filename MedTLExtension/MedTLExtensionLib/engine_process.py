@@ -185,6 +185,9 @@ class EngineProcess:
         base_env: the environment to add them to (default: this process's).
         log_lines: how many non-event output lines to keep for :attr:`log`.
         grace_s: how long :meth:`cancel` lets the engine stop by itself before killing its tree.
+        requests: give the engine a request folder (``--requests DIR``) for :meth:`send` (the warm
+            engine, ``medtl serve``). A folder, not stdin: CTKAppLauncher does not hand its stdin
+            to the Python it starts, as it forwards no signal.
     """
 
     def __init__(
@@ -196,6 +199,7 @@ class EngineProcess:
         base_env: Mapping[str, str] | None = None,
         log_lines: int = 400,
         grace_s: float = DEFAULT_GRACE_S,
+        requests: bool = False,
     ) -> None:
         from medtl.events import parse_line  # the protocol's one parser, shared with the engine
 
@@ -203,6 +207,11 @@ class EngineProcess:
         args = list(args)
         if "--events" not in args and args and args[0] in ("train", "predict", "demo", "adapt"):
             args += ["--events", "-"]
+        self.requests_dir: Path | None = None
+        self._sent = 0
+        if requests:
+            self.requests_dir = Path(tempfile.mkdtemp(prefix="medtl-requests-"))
+            args += ["--requests", str(self.requests_dir)]
         self.args = args
         self.grace_s = grace_s
         # Only created on cancel; unique per run so that two engines never stop each other.
@@ -229,6 +238,24 @@ class EngineProcess:
         ]
         for reader in self._readers:
             reader.start()
+
+    def send(self, request: Mapping[str, Any]) -> bool:
+        """Hands the engine one request (a file in its request folder, read in order of sending);
+        False when the engine has ended or was started without ``requests``."""
+        import json
+
+        folder = self.requests_dir
+        if folder is None or self._process.poll() is not None:
+            return False
+        self._sent += 1
+        path = folder / f"{self._sent:08d}.json"
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(dict(request)) + "\n", encoding="utf-8")
+            os.replace(tmp, path)  # the engine reads whole requests only
+        except OSError:
+            return False
+        return True
 
     @property
     def pid(self) -> int:
@@ -307,6 +334,10 @@ class EngineProcess:
         _LIVE.discard(self)
         with contextlib.suppress(OSError):
             self.stop_file.unlink(missing_ok=True)
+        if self.requests_dir is not None:
+            import shutil
+
+            shutil.rmtree(self.requests_dir, ignore_errors=True)
 
     def wait(self, timeout: float | None = None) -> int:
         code = self._process.wait(timeout)
@@ -316,11 +347,12 @@ class EngineProcess:
         return code
 
 
-def start_engine(args: Sequence[str]) -> EngineProcess:
+def start_engine(args: Sequence[str], *, requests: bool = False) -> EngineProcess:
     """Starts ``medtl <args>`` with the interpreter that sees Slicer's Python packages.
 
     Inside Slicer that is ``PythonSlicer`` (a launcher, given the environment Slicer started in, as
     ``slicer.util.launchConsoleProcess`` does); elsewhere (tests, scripts) the current interpreter.
+    ``requests``: keep a pipe to its stdin (the warm engine).
     """
     import shutil
 
@@ -329,6 +361,7 @@ def start_engine(args: Sequence[str]) -> EngineProcess:
         list(args),
         python=launcher or sys.executable,
         base_env=slicer_startup_environment() if launcher else None,
+        requests=requests,
     )
 
 

@@ -45,7 +45,9 @@ from medtl.data.partial_labels import MAX_CLASSES, UNKNOWN
 
 from MedTLExtensionLib import mrml_bridge, volume_files
 from MedTLExtensionLib.engine_process import EngineJob, EngineRun, start_engine
+from MedTLExtensionLib.live_preview import PreviewOverlay
 from MedTLExtensionLib.painted_planes import ObliquePaintingError, Plane, dominant_axis, find_planes, plane_index
+from MedTLExtensionLib.warm_engine import WarmEngine
 
 __all__ = [
     "LearningOptions",
@@ -77,6 +79,12 @@ class LearningOptions:
     pretrained: str = "imagenet"
     steps_per_epoch: int = 20
     batch_size: int = 8
+    # With the warm engine a round learns for about this long (0: the epochs above), later rounds
+    # (a few corrections on a network that has learned the structure) for the shorter budget.
+    budget_s: float = 30.0
+    later_budget_s: float = 15.0
+    # Seconds between live previews of the slice in view while it learns (0: none).
+    preview_every_s: float = 3.0
 
 
 @dataclass
@@ -142,6 +150,9 @@ class SliceLearner:
         segmentations_logic: the Segmentations module logic.
         work_root: where run directories go; a learning run keeps its model package there.
         engine_factory: starts ``medtl <args>``; tests may pass another :class:`EngineRun` maker.
+        warm_engine: learning rounds go to this warm engine (``medtl serve``: the network and the
+            volume stay loaded between rounds, with live previews and time-budgeted rounds);
+            None runs each round as a one-shot ``medtl train``.
     """
 
     def __init__(
@@ -151,8 +162,14 @@ class SliceLearner:
         *,
         work_root: str | Path,
         engine_factory: EngineFactory = start_engine,
+        warm_engine: WarmEngine | None = None,
     ) -> None:
         self.scene = scene
+        self.warm_engine = warm_engine
+        self.preview = PreviewOverlay(scene)
+        # The slice the user looks at, (array axis KJI, index): what live previews show.
+        self.view: tuple[int, int] | None = None
+        self._warm_image: tuple[str, int, Path] | None = None  # (volume ID, image MTime, file)
         self.segmentations_logic = segmentations_logic
         self.work_root = Path(work_root)
         self.engine_factory = engine_factory
@@ -269,7 +286,7 @@ class SliceLearner:
         run_dir = self._new_run_dir(volume.GetName(), "learn")
         inputs = run_dir / "inputs"
         inputs.mkdir()
-        image_path = volume_files.write_volume(volume, inputs / "image.nrrd")
+        image_path = self._learning_image(volume, inputs)
         volume_files.write_array(training.labels, mrml_bridge.ijk_to_ras_of(volume), inputs / "label.nrrd")
         (inputs / "cases.csv").write_text("image,label\nimage.nrrd,label.nrrd\n", encoding="utf-8")
         config = learning_config(
@@ -296,9 +313,23 @@ class SliceLearner:
         # several seconds) would be most of the wait after a short round.
         # The uncertainty ranks the slices to paint next; it is not shown as an overlay.
         outputs = {"labels": inputs / "prediction.nrrd", "slice_uncertainty": inputs / "uncertainty.nrrd"}
-        args = ["train", str(config_path), "--predict", str(image_path), "--predict-out", str(outputs["labels"])]
-        args += ["--predict-uncertainty", str(outputs["slice_uncertainty"])]
-        engine = EngineJob(self.engine_factory([*args, "--events", "-"]), "Training")
+        if self.warm_engine is not None:
+            request = {
+                "request": "learn",
+                "config": str(config_path),
+                "image": str(image_path),
+                "label": str(inputs / "label.nrrd"),
+                "out": str(outputs["labels"]),
+                "uncertainty": str(outputs["slice_uncertainty"]),
+                "budget_s": options.budget_s if initial == options.pretrained else options.later_budget_s,
+                "preview_every_s": options.preview_every_s,
+                **({"view": {"axis": self.view[0], "index": self.view[1]}} if self.view else {}),
+            }
+            engine = EngineJob(self.warm_engine.round(request), "Training")
+        else:
+            args = ["train", str(config_path), "--predict", str(image_path), "--predict-out", str(outputs["labels"])]
+            args += ["--predict-uncertainty", str(outputs["slice_uncertainty"])]
+            engine = EngineJob(self.engine_factory([*args, "--events", "-"]), "Training")
         self._job = _Job(
             kind="learn",
             stage="train",
@@ -439,12 +470,17 @@ class SliceLearner:
         except RuntimeError:
             self.last_log = job.engine.log
             self._job = None
+            self.preview.clear()
             raise
+        for event in events:
+            if event.get("event") == "preview" and job.kind == "learn":
+                self._show_preview(job, event)
         if job.stage == "train" and any(e.get("event") == "start" and e.get("label") == "predict" for e in events):
             events.append({"event": "stage", "name": "predict"})
         if not job.engine.finished:
             return events
         self.last_log = job.engine.log
+        self.preview.clear()
         if job.engine.cancelled:
             self._job = None
             return [*events, {"event": "cancelled"}]
@@ -544,6 +580,36 @@ class SliceLearner:
             raise RuntimeError("MedTL is already running; cancel it or wait for it to finish.")
         self.result_segmentation = None
 
+    def _learning_image(self, volume: slicer.vtkMRMLScalarVolumeNode, inputs: Path) -> Path:
+        """The volume as a file for the engine. The warm engine keeps the volume it read last in
+        memory while its file is unchanged, so an unchanged volume keeps its file between rounds
+        (in the work folder, not the round's inputs, which go after the round)."""
+        if self.warm_engine is None:
+            return volume_files.write_volume(volume, inputs / "image.nrrd")
+        version = (volume.GetID(), volume.GetImageData().GetMTime())
+        if self._warm_image is not None and self._warm_image[:2] == version and self._warm_image[2].is_file():
+            return self._warm_image[2]
+        folder = self.work_root / "warm-engine"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = volume_files.write_volume(volume, folder / f"{time.strftime('%Y%m%d-%H%M%S')}-image.nrrd")
+        if self._warm_image is not None:
+            self._warm_image[2].unlink(missing_ok=True)  # MedTL's own copy of the earlier volume
+        self._warm_image = (*version, path)
+        return path
+
+    def set_view(self, axis: int, index: int) -> None:
+        """The slice the user looks at (array axis KJI and index); live previews follow it."""
+        self.view = (int(axis), int(index))
+        if self.warm_engine is not None and self.stage == "train":
+            self.warm_engine.send({"request": "view", "axis": self.view[0], "index": self.view[1]})
+
+    def good_enough(self) -> bool:
+        """Stops the learning round at its next step and predicts with the weights as they are
+        (the warm engine only); False when no such round runs."""
+        job = self._job
+        stop = getattr(job.engine.process, "good_enough", None) if job is not None and job.stage == "train" else None
+        return bool(stop and stop())
+
     def _new_run_dir(self, volume_name: str, prefix: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in volume_name)[:40] or "volume"
         base = self.work_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{prefix}-{safe}"
@@ -579,6 +645,13 @@ class SliceLearner:
         job.engine = EngineJob(self.engine_factory(args), "Prediction")
         job.stage, job.outputs = "predict", outputs
         self._job = job
+
+    def _show_preview(self, job: _Job, event: dict[str, Any]) -> None:
+        try:
+            plane = np.load(event["path"])
+            self.preview.show(job.volume, axis=int(event["axis"]), index=int(event["index"]), plane=plane)
+        except (OSError, ValueError, KeyError) as err:  # a preview is a courtesy: never fail the round
+            logging.warning("MedTL: preview not shown: %s", err)
 
     def _import_results(self, job: _Job) -> slicer.vtkMRMLSegmentationNode:
         labels, ijk_to_ras = volume_files.read_array(job.outputs["labels"])
@@ -645,6 +718,8 @@ class SliceLearner:
         job, self._job = self._job, None
         if job is not None:
             job.engine.cancel()
+        self.preview.node = None  # gone with the scene
+        self._warm_image = None
         self._review = None
         self.result_segmentation = None
         self.probability_volume = self.uncertainty_volume = self.gradcam_volume = None
@@ -655,6 +730,8 @@ class SliceLearner:
         job, self._job = self._job, None
         if job is not None:
             job.engine.kill()
+        if self.warm_engine is not None:
+            self.warm_engine.shutdown()
 
 
 @dataclass(frozen=True)

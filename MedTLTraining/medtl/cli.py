@@ -17,6 +17,7 @@
     medtl sign --model PKG --key KEY
     medtl verify --model PKG [--public-key KEY.pub]
     medtl models
+    medtl serve [--requests DIR] [--idle-exit-s S] (the warm engine the Slicer module keeps: JSON lines in and out)
     medtl weights seed [FILE ...] | check | download [ARCH ...]
 
 Progress goes to stderr as a bar; ``--events -`` sends the JSON-lines stream to stdout instead
@@ -226,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the registered networks")
 
+    p = sub.add_parser(
+        "serve",
+        help="the warm engine: answer learn/view/good_enough/cancel requests (JSON lines on stdin) with events on "
+        "stdout, keeping the network and the volume between rounds (what the Slicer module runs)",
+    )
+    p.add_argument(
+        "--idle-exit-s", type=float, default=1800.0, help="exit after this many seconds without a request (default 1800)"
+    )
+    p.add_argument(
+        "--requests", metavar="DIR", help="read requests from files in this folder instead of stdin (ends when it goes)"
+    )
+
     p = sub.add_parser("weights", help="pretrained weight files in the torch hub cache")
     p.add_argument(
         "action",
@@ -348,6 +361,12 @@ def _dispatch(args: argparse.Namespace, make_sink) -> int:
     if launched_by_torchrun() and args.command != "train":
         # N copies of any other command would each do the whole job and write the same files.
         raise ConfigError(f"only 'medtl train' runs under torchrun; run 'medtl {args.command}' as one process")
+    if args.command == "serve":
+        from medtl.serve import folder_lines, serve
+
+        requests = folder_lines(Path(args.requests)) if args.requests else sys.stdin
+        return serve(requests, sys.stdout, idle_exit_s=args.idle_exit_s)
+
     if args.command == "demo":
         from medtl.demo import run_demo
 

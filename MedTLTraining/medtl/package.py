@@ -323,8 +323,6 @@ def segment_image(
 
     ``domain``: the image's domain for a domain-specific BatchNorm package.
     """
-    from medtl.infer import predict_run_volume
-
     cfg = package.config
     if cfg.is_classification:
         raise DataError(f"{package.path} is a classifier; it gives class probabilities, not a segmentation")
@@ -332,10 +330,28 @@ def segment_image(
         from medtl.ensemble import segment_members
 
         return segment_members(package, image, device=device, events=events, domain=domain)[:2]
-    grid = working_image(image, cfg)
-    volume = preprocess(image, cfg, grid=grid)
     with package.domain_context(domain):
-        probs = predict_run_volume(cfg, package.model, volume, device=device, events=events)
+        return segment_with_network(cfg, package.model, image, device=device, events=events)
+
+
+def segment_with_network(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    image: sitk.Image,
+    *,
+    device: str | torch.device = "cpu",
+    events=None,
+    grid: sitk.Image | None = None,
+    volume: np.ndarray | None = None,
+) -> tuple[sitk.Image, np.ndarray]:
+    """:func:`segment_image` with a network in memory (the warm engine's, between rounds) and the
+    run configuration it trains with. ``grid`` and ``volume``: the image's :func:`working_image`
+    and :func:`preprocess` result, when the caller keeps them."""
+    from medtl.infer import predict_run_volume
+
+    grid = working_image(image, cfg) if grid is None else grid
+    volume = preprocess(image, cfg, grid=grid) if volume is None else volume
+    probs = predict_run_volume(cfg, model, volume, device=device, events=events)
     if grid.GetSize() != image.GetSize() or grid.GetDirection() != image.GetDirection():
         # Probabilities go back to the input's grid (linear where resampled), then the argmax:
         # smoother edges than resampling the label map.

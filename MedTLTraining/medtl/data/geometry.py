@@ -71,6 +71,43 @@ def canonical_array(array: np.ndarray, reference: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(to_canonical(image))
 
 
+def canonical_slice(image: sitk.Image, axis: int, index: int) -> tuple[int, int]:
+    """Where slice ``index`` along array axis ``axis`` (z, y, x) of ``image`` lies in the image
+    reoriented by :func:`to_canonical`: its array axis and index there.
+
+    DICOMOrient gives each image axis the canonical axis its direction runs closest to, flipped
+    when it runs the other way; a slice stays a slice.
+    """
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    column = 2 - axis  # SimpleITK orders axes (x, y, z), arrays (z, y, x)
+    lps = int(np.argmax(np.abs(direction[:, column])))
+    flipped = direction[lps, column] < 0
+    return 2 - lps, image.GetSize()[column] - 1 - index if flipped else index
+
+
+def slice_on_input_grid(
+    plane: np.ndarray, canonical_axis: int, canonical_index: int, grid: sitk.Image, image: sitk.Image
+) -> np.ndarray:
+    """A 2D array on slice ``canonical_index`` along ``canonical_axis`` of ``grid`` (``image``
+    reoriented by :func:`to_canonical`), as the matching slice of ``image``'s own array."""
+    volume = np.zeros(sitk.GetArrayViewFromImage(grid).shape, plane.dtype)
+    np.moveaxis(volume, canonical_axis, 0)[canonical_index] = plane
+    back = sitk.GetArrayFromImage(from_canonical(_like(volume, grid), image))
+    # The slice's own axis in the input: the one whose canonical axis is ``canonical_axis``.
+    for axis in range(3):
+        found_axis, found_index = canonical_slice(image, axis, 0)
+        if found_axis == canonical_axis:
+            index = canonical_index if found_index == 0 else image.GetSize()[2 - axis] - 1 - canonical_index
+            return np.ascontiguousarray(np.moveaxis(back, axis, 0)[index])
+    raise ValueError(f"no axis of the image maps onto canonical axis {canonical_axis}")
+
+
+def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
 def grid_difference(image: sitk.Image, other: sitk.Image) -> str | None:
     """What differs between two images' voxel grids beyond round-off (size, spacing, origin,
     direction), or None when they are the same grid."""

@@ -89,12 +89,13 @@ def random_batches(
 
 def annotation_weights(items: Sequence[dict[str, Any]], cfg: RunConfig) -> list[float] | None:
     """2D slices drawn in proportion to their annotated voxels when some are partly unknown (a
-    slice crossed by a plane painted in another view holds one annotated line); None (uniform)
-    when every slice is fully annotated."""
+    slice crossed by a plane painted in another view holds one annotated line), times an item's
+    ``emphasis`` (a slice the user just corrected, :mod:`medtl.serve`); None (uniform) when every
+    slice is fully annotated and none is emphasised."""
     if cfg.is_classification or cfg.spatial_dims != 2:
         return None
-    fractions = [known_fraction(item["label"]) for item in items]
-    return fractions if min(fractions) < 1.0 else None
+    weights = [known_fraction(item["label"]) * float(item.get("emphasis", 1.0)) for item in items]
+    return weights if any(w != 1.0 for w in weights) else None
 
 
 def worker_count(requested: int | None, device: torch.device, world: distributed.World) -> int:

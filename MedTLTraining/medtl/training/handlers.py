@@ -186,7 +186,8 @@ class ProgressEvents(Handler):
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         cfg = trainer.cfg.train
-        done = record["epoch"] * cfg.steps_per_epoch
+        # An epoch a stop cut short (a time budget, "good enough") counts the steps it ran.
+        done = (record["epoch"] - 1) * cfg.steps_per_epoch + record.get("steps", cfg.steps_per_epoch)
         elapsed = time.perf_counter() - trainer.t0
         key = trainer.val_key
         trainer.events.emit(

@@ -110,14 +110,18 @@ class Trainer(Setup):
         self.t0 = time.perf_counter()
         self.steps_done = self.images = self.step_in_epoch = 0
         self.unfrozen, self._applied_unfrozen = 0, -1
+        self.stop_reason: str | None = None
 
     def run_training(self) -> TrainState:
-        """Trains from the state's epoch to the configured last one (or an early stop)."""
+        """Trains from the state's epoch to the configured last one (or an early stop, or a
+        :meth:`request_stop`)."""
         self.on_train_start()
-        while self.state.epoch < self.cfg.train.epochs and not self.state.stopped_early:
+        while self.state.epoch < self.cfg.train.epochs and not self.state.stopped_early and not self.stop_reason:
             self.on_epoch_start()
             for batch, target_batch in zip(self.loader, self.target_loader, strict=True):
                 self.train_step(batch, target_batch)
+                if self.stop_reason:
+                    break
             record = self.on_train_epoch_end()
             if self.scorer is not None:
                 self.validate(record)
@@ -148,6 +152,14 @@ class Trainer(Setup):
         if train.early_stopping_patience:
             handlers.append(EarlyStopping(patience=train.early_stopping_patience, epochs=train.epochs))
         return [*handlers, KeepBest(self.best_path, restore=train.keep_best)]
+
+    def request_stop(self, reason: str) -> None:
+        """Ends the run after the current step: the epoch so far is recorded and checkpointed as a
+        (shorter) epoch, validated if the run validates, and the run ends as it would after its
+        last epoch. For handlers (a time budget, a user's "good enough"); the first reason wins."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.events.emit("message", message=f"stopping after step {self.steps_done}: {reason}")
 
     def fire(self, hook: str, *args: Any) -> None:
         """Calls ``hook`` on every handler, in the order they were attached."""
@@ -288,6 +300,9 @@ class Trainer(Setup):
             record["micro_batch"] = state.micro_batch
         if state.train_patch != self.patch:
             record["train_patch"] = state.train_patch
+        if self.stop_reason:
+            record["steps"] = self.step_in_epoch
+            record["stopped"] = self.stop_reason
         self.fire("on_train_epoch_end", record)
         return record
 
