@@ -14,11 +14,19 @@ from typing import Annotated
 import numpy as np
 import qt
 import slicer
+import vtk
 from MedTLExtensionLib import dependencies, mrml_bridge, run_folders, terminology
 from MedTLExtensionLib.engine_process import describe_event
 from MedTLExtensionLib.run_prerequisites import ensure_default_weights, ensure_dependencies, usable_device
-from MedTLExtensionLib.slice_learning import SLICE_VIEWS, LearningOptions, SliceLearner, slice_center_ras
+from MedTLExtensionLib.slice_learning import (
+    SLICE_VIEWS,
+    LearningOptions,
+    SliceLearner,
+    slice_center_ras,
+    slice_index_at_ras,
+)
 from MedTLExtensionLib.training_run import NETWORKS_2D
+from MedTLExtensionLib.warm_engine import WarmEngine
 from MedTLExtensionLib.widget_lifecycle import WidgetLifecycleMixin, is_set
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
@@ -42,6 +50,8 @@ LIB_MODULES = (
     "MedTLExtensionLib.run_folders",
     "MedTLExtensionLib.terminology",
     "MedTLExtensionLib.training_run",
+    "MedTLExtensionLib.live_preview",
+    "MedTLExtensionLib.warm_engine",
     "MedTLExtensionLib.slice_learning",
     "MedTLExtensionLib.i18n",
     "MedTLExtensionLib.run_prerequisites",
@@ -91,7 +101,7 @@ class MedTLExtensionParameterNode:
     site - the volume's site, for a model package with one BatchNorm per site (empty: its default).
     network - pretrained 2D network fine-tuned by "Learn from my slices".
     device - "auto", "cpu" or "cuda".
-    epochs - training epochs for "Learn from my slices".
+    budgetSeconds - how long "Learn from my slices" learns in its first round (later rounds: half).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -103,7 +113,7 @@ class MedTLExtensionParameterNode:
     site: str = ""
     network: Annotated[str, Choice(NETWORKS_2D)] = "unet_mobilenet_v2"
     device: Annotated[str, Choice(DEVICES)] = "auto"
-    epochs: Annotated[int, WithinRange(1, 500)] = 20
+    budgetSeconds: Annotated[int, WithinRange(5, 600)] = 30
 
 
 #
@@ -122,6 +132,7 @@ class MedTLExtensionWidget(WidgetLifecycleMixin, ScriptedLoadableModuleWidget, V
         VTKObservationMixin.__init__(self)
         self.logic: MedTLExtensionLogic | None = None
         self._showOverlays = False
+        self._viewObservation = None  # (slice node, tag) of the view whose slice is previewed
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -137,11 +148,18 @@ class MedTLExtensionWidget(WidgetLifecycleMixin, ScriptedLoadableModuleWidget, V
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.cleanRunsButton.connect("clicked(bool)", self.onCleanRunsButton)
         self.ui.nextSliceButton.connect("clicked(bool)", self.onNextSliceButton)
+        self.ui.goodEnoughButton.connect("clicked(bool)", self.onGoodEnoughButton)
 
         self.initializeParameterNode()
         # Once per session, in the background: the answer is ready when the user starts a run.
         if dependencies.installed_version("torch"):
             dependencies.DEVICE_CHECK.start(self._parameterNode.device)
+
+    def enter(self) -> None:
+        super().enter()
+        # The warm engine imports torch and MONAI while the user paints, not after Learn is pressed.
+        if dependencies.installed_version("torch"):
+            self.logic.warmEngine.start()
 
     def onSceneClosing(self) -> None:
         # A job's result must not be imported against volumes the closed scene removed.
@@ -152,6 +170,7 @@ class MedTLExtensionWidget(WidgetLifecycleMixin, ScriptedLoadableModuleWidget, V
         self.logic.learner.on_scene_closed()
 
     def stopJob(self) -> None:
+        self._stopFollowingView()
         self.logic.learner.close()
 
     def onReload(self) -> None:
@@ -194,17 +213,57 @@ class MedTLExtensionWidget(WidgetLifecycleMixin, ScriptedLoadableModuleWidget, V
         self.ui.applyButton.enabled = hasVolume and is_set(node.modelPackage) and not running
         self.ui.adaptButton.enabled = self.ui.applyButton.enabled
         self.ui.cancelButton.enabled = running
+        self.ui.goodEnoughButton.enabled = running and learner.stage == "train" and learner.warm_engine is not None
         self.ui.cleanRunsButton.enabled = not running
 
     def onLearnButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not start learning from the painted slices."), waitCursor=True):
             ensure_dependencies()
             p = self._parameterNode
-            options = LearningOptions(epochs=p.epochs, device=usable_device(p.device), network=p.network)
+            options = LearningOptions(
+                device=usable_device(p.device),
+                network=p.network,
+                budget_s=float(p.budgetSeconds),
+                later_budget_s=max(5.0, p.budgetSeconds / 2),
+            )
             ensure_default_weights(options.network, options.pretrained)
             self.logic.learner.start_learning(p.inputVolume, p.inputSegmentation, options)
             self._showOverlays = False
             self._onJobStarted(_("Preparing the painted slices..."))
+            self._followLearningView()
+
+    def onGoodEnoughButton(self) -> None:
+        if self.logic.learner.good_enough():
+            self.ui.statusLabel.text = _("Good enough: segmenting the volume with what it has learned so far...")
+            self.ui.goodEnoughButton.enabled = False
+
+    def _followLearningView(self) -> None:
+        """Live previews show the slice the user looks at in the view of the plane being learned."""
+        self._stopFollowingView()
+        plane = self.logic.learner.learning_plane
+        sliceWidget = slicer.app.layoutManager().sliceWidget(SLICE_VIEWS[plane[0]]) if plane else None
+        if sliceWidget is None:
+            return
+        sliceNode = sliceWidget.mrmlSliceNode()
+        tag = sliceNode.AddObserver(vtk.vtkCommand.ModifiedEvent, self._onLearningViewChanged)
+        self._viewObservation = (sliceNode, tag)
+        self._onLearningViewChanged(sliceNode)
+
+    def _onLearningViewChanged(self, sliceNode, event=None) -> None:
+        learner, volume = self.logic.learner, self._parameterNode.inputVolume if self._parameterNode else None
+        plane = learner.learning_plane
+        if plane is None or volume is None:
+            return
+        sliceToRas = sliceNode.GetSliceToRAS()
+        index = slice_index_at_ras(volume, plane[1], [sliceToRas.GetElement(row, 3) for row in range(3)])
+        if index is not None:
+            learner.set_view(plane[1], index)
+
+    def _stopFollowingView(self) -> None:
+        if self._viewObservation is not None:
+            sliceNode, tag = self._viewObservation
+            sliceNode.RemoveObserver(tag)
+            self._viewObservation = None
 
     def onApplyButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not apply the model."), waitCursor=True):
@@ -263,6 +322,7 @@ class MedTLExtensionWidget(WidgetLifecycleMixin, ScriptedLoadableModuleWidget, V
             self.ui.statusLabel.text = _("Deleted {count} run folders.").format(count=len(done.removed))
 
     def onJobFinished(self, learner: SliceLearner) -> None:
+        self._stopFollowingView()
         if learner.last_package is not None and self._parameterNode is not None:
             # The package just learned is what "Apply model" should use next (e.g. on another volume).
             self._parameterNode.modelPackage = learner.last_package
@@ -306,6 +366,8 @@ class MedTLExtensionWidget(WidgetLifecycleMixin, ScriptedLoadableModuleWidget, V
             return 0, _("Cancelled. Your segmentation is unchanged.")
         if kind == "adapted":
             return 100, _("Adapted: the model package now points at the adapted copy; apply it.")
+        if kind == "preview" and self.logic.learner.preview.node is not None:
+            slicer.util.setSliceViewerLayers(label=self.logic.learner.preview.node, labelOpacity=0.5)
         return describe_event(event)
 
     def _showResult(self, learner: SliceLearner) -> None:
@@ -343,7 +405,11 @@ class MedTLExtensionLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         # Runs are kept (they hold the learned model packages); exported inputs are removed.
         root = workRoot or Path(slicer.app.defaultScenePath) / "MedTL" / "runs"
-        self.learner = SliceLearner(slicer.mrmlScene, slicer.modules.segmentations.logic(), work_root=root)
+        # One warm engine for the session: torch, the network and the volume stay loaded between rounds.
+        self.warmEngine = WarmEngine()
+        self.learner = SliceLearner(
+            slicer.mrmlScene, slicer.modules.segmentations.logic(), work_root=root, warm_engine=self.warmEngine
+        )
 
     def getParameterNode(self) -> MedTLExtensionParameterNode:
         return MedTLExtensionParameterNode(super().getParameterNode())
@@ -365,7 +431,11 @@ class MedTLExtensionTest(ScriptedLoadableModuleTest):
 
     SHAPE_KJI = (12, 64, 64)
     PAINTED_SLICES = (2, 6, 9)
-    OPTIONS = LearningOptions(epochs=10, steps_per_epoch=16, batch_size=4, device="cpu", pretrained="none")
+    # Epochs, not a time budget (budget_s=0): the figures above hold on any machine; the rounds still
+    # run on the module's warm engine.
+    OPTIONS = LearningOptions(
+        epochs=10, steps_per_epoch=16, batch_size=4, device="cpu", pretrained="none", budget_s=0, later_budget_s=0
+    )
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()

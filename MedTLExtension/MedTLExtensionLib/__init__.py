@@ -20,6 +20,8 @@ _EXPORTS = {
     "EngineJob": "engine_process",
     "EngineProcess": "engine_process",
     "EngineRun": "engine_process",
+    "WarmEngine": "warm_engine",
+    "PreviewOverlay": "live_preview",
     "LearningOptions": "slice_learning",
     "SliceLearner": "slice_learning",
     "TrainingRun": "training_run",

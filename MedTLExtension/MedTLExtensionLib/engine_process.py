@@ -449,6 +449,13 @@ def describe_event(event: dict[str, Any]) -> tuple[int | None, str]:
         return 0, f"{doing} on {event.get('device', '?')}..."
     if kind == "phase":
         return None, f"Training: {event.get('name', '')}"
+    if kind == "plan":
+        return 0, f"Planned: {event.get('message', '')}"
+    if kind == "preview":
+        loss = event.get("loss")
+        return None, f"Learning: preview after {event.get('step', '?')} steps" + (
+            f", loss {float(loss):.3f}" if loss is not None else ""
+        )
     if kind == "warning":
         return None, f"Warning: {event.get('message', '')}"
     if kind == "message":

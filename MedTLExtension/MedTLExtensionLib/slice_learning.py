@@ -58,6 +58,7 @@ __all__ = [
     "learning_config",
     "package_segments",
     "slice_center_ras",
+    "slice_index_at_ras",
     "suggest_slices",
 ]
 
@@ -195,6 +196,16 @@ class SliceLearner:
     def stage(self) -> str | None:
         """``"train"``, ``"predict"`` or ``"adapt"`` while a job runs, else None."""
         return self._job.stage if self._job else None
+
+    @property
+    def learning_plane(self) -> tuple[str, int] | None:
+        """While a round learns: the anatomical plane the network learns and its array axis (KJI),
+        which a slice view must show for live previews."""
+        job = self._job
+        if job is None or job.kind != "learn" or job.training is None:
+            return None
+        plane = job.training.slice_plane
+        return plane, _array_axis(job.volume, plane)
 
     @property
     def under_review(self) -> slicer.vtkMRMLSegmentationNode | None:
@@ -776,6 +787,15 @@ def slice_center_ras(volume: slicer.vtkMRMLScalarVolumeNode, axis: int, index: i
     ijk[2 - axis] = float(index)
     ras = mrml_bridge.ijk_to_ras_of(volume) @ np.array([*ijk, 1.0])
     return float(ras[0]), float(ras[1]), float(ras[2])
+
+
+def slice_index_at_ras(volume: slicer.vtkMRMLScalarVolumeNode, axis: int, ras: Sequence[float]) -> int | None:
+    """The index of the slice along array axis ``axis`` (KJI) of ``volume`` through the RAS point
+    ``ras`` (a slice view's centre), or None outside the volume: what the user is looking at."""
+    ijk = np.linalg.inv(mrml_bridge.ijk_to_ras_of(volume)) @ np.array([*ras[:3], 1.0])
+    index = int(round(float(ijk[2 - axis])))
+    size = volume.GetImageData().GetDimensions()[2 - axis]
+    return index if 0 <= index < size else None
 
 
 def _planes_of(mask: np.ndarray, what: str) -> set[Plane]:

@@ -151,3 +151,33 @@ def test_cancel_keeps_the_warm_engine_and_a_crash_starts_a_fresh_one(scene_with_
         assert learner.result_segmentation is not None
     finally:
         learner.close()
+
+
+def test_the_slice_in_view_is_the_slice_a_jump_shows(scene_with_painting):
+    from MedTLExtensionLib.slice_learning import slice_center_ras, slice_index_at_ras
+
+    headless, volume, _user, _painted = scene_with_painting
+    for axis, size in enumerate(SHAPE):
+        for index in (0, size // 2, size - 1):
+            assert slice_index_at_ras(volume, axis, slice_center_ras(volume, axis, index)) == index
+    assert slice_index_at_ras(volume, 0, (0.0, 0.0, -500.0)) is None  # outside the volume
+
+
+def test_the_preview_overlay_updates_one_slice_in_place_and_goes(scene_with_painting):
+    from MedTLExtensionLib.live_preview import PreviewOverlay
+
+    headless, volume, _user, _painted = scene_with_painting
+    overlay = PreviewOverlay(headless.scene)
+    plane = np.zeros(SHAPE[1:], np.uint8)
+    plane[10:20, 5:9] = 1
+    overlay.show(volume, axis=0, index=3, plane=plane)
+    node = overlay.node
+    overlay.show(volume, axis=2, index=7, plane=np.ones((SHAPE[0], SHAPE[1]), np.uint8))
+    assert overlay.node is node  # updated in place, not a node per preview
+    voxels = mrml_bridge.volume_to_array(node)[0]
+    assert np.array_equal(voxels[3][:, :7], plane[:, :7]) and voxels[:, :, 7].all()
+    assert np.allclose(mrml_bridge.ijk_to_ras_of(node), mrml_bridge.ijk_to_ras_of(volume))
+    with pytest.raises(ValueError, match="does not fit"):
+        overlay.show(volume, axis=0, index=3, plane=np.zeros((5, 5), np.uint8))
+    overlay.clear()
+    assert headless.scene.GetNodeByID(node.GetID()) is None and overlay.node is None
