@@ -123,7 +123,7 @@ class WidgetLifecycleMixin:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         if self.job is not None:
@@ -143,12 +143,30 @@ class WidgetLifecycleMixin:
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self.blankUnsetPaths()
         self._updateButtons()
+
+    def blankUnsetPaths(self) -> None:
+        """Path fields left unset show an empty box, not the "." an unset ``pathlib.Path`` parameter
+        writes into its path widget (with the widget's signals blocked: nothing is written back)."""
+        node = self._parameterNode
+        if node is None:
+            return
+        for widget in vars(self.ui).values():
+            name = widget.property("SlicerParameterName") if hasattr(widget, "currentPath") else None
+            if name and isinstance(getattr(node, name, None), Path) and not is_set(getattr(node, name)):
+                if widget.currentPath:
+                    blocked = widget.blockSignals(True)
+                    widget.currentPath = ""
+                    widget.blockSignals(blocked)
 
     # ------------------------------------------------------------------ the running job
 

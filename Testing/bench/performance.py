@@ -34,6 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))  # demo_ct_scene, shared with interactive.py
 for sub in ("MedTLTraining", "MedTLExtension"):
     sys.path.insert(0, str(REPO / sub))
 RESULTS = HERE / "results"
@@ -266,33 +267,16 @@ def semi_automatic_loop(quick: bool, repeats: int) -> dict:
     that round. The defaults of the module's *Learn* button (20 epochs of 20 steps, batch 8,
     ImageNet MobileNetV2 U-Net) are what a user waits for.
     """
-    import numpy as np
+    from demo_ct_scene import demo_ct_scene, unpainted_dice
     from medtl.models.weights import seed_offline_weights
-    from medtl.train import dice_per_class
-    from MedTLExtensionLib import mrml_bridge as bridge
     from MedTLExtensionLib.engine_process import start_engine
-    from MedTLExtensionLib.headless_scene import create_headless_scene
     from MedTLExtensionLib.slice_learning import LearningOptions, SliceLearner
 
     os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="medtl-bench-hub-"))
     seed_offline_weights()
     n = 64 if quick else 128
-    k, j, i = np.indices((n, n, n), dtype=float)
-    organ = ((k - n / 2) / (0.35 * n)) ** 2 + ((j - n / 2) / (0.3 * n)) ** 2 + ((i - n / 2) / (0.32 * n)) ** 2 < 1
-    truth = organ.astype(np.uint8)
-    image = (np.where(organ, 150.0, -80.0) + np.random.default_rng(0).normal(0, 15, truth.shape)).astype(np.float32)
-    matrix = np.diag([0.8, 0.8, 1.5, 1.0])
-    h = create_headless_scene()
-    volume = bridge.array_to_volume(h.scene, image, matrix, "ct")
-    volume.CreateDefaultDisplayNodes()
-    volume.GetDisplayNode().AutoWindowLevelOff()
-    volume.GetDisplayNode().SetWindowLevel(400, 40)
-    painted_slices = [int(n * f) for f in (0.3, 0.45, 0.6, 0.75)]
-    painted = np.zeros_like(truth)
-    painted[painted_slices] = truth[painted_slices]
-    user = bridge.labelmap_to_segmentation(
-        h.scene, h.segmentations_logic, painted, matrix, [(1, "organ", (0.9, 0.5, 0.3))], reference_volume=volume
-    )
+    scene = demo_ct_scene(n)
+    h, volume, user, painted_slices = scene.headless, scene.volume, scene.painted_segmentation, scene.painted_slices
     launches: list[float] = []
 
     def engine(args):
@@ -338,9 +322,7 @@ def semi_automatic_loop(quick: bool, repeats: int) -> dict:
     }
     total = t_end - t0
     stages["other"] = total - sum(stages.values())
-    predicted, _ = bridge.segmentation_to_labelmap(h.scene, h.segmentations_logic, learner.result_segmentation, volume)
-    others = [s for s in range(n) if s not in painted_slices]
-    dice = dice_per_class(predicted[others] > 0, truth[others], [1])[1]
+    dice = unpainted_dice(scene, learner.result_segmentation)
     return {
         "volume": [n] * 3,
         "painted_slices": len(painted_slices),

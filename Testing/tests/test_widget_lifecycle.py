@@ -238,3 +238,38 @@ def test_unusable_gpu_is_explained_once_per_session(monkeypatch) -> None:
     assert run_prerequisites.usable_device("cuda") == "cpu"
     assert len(warnings) == 1 and warnings[0].startswith("CUDA driver too old.")
     assert run_prerequisites.usable_device("cpu") == "cpu"
+
+
+class PathLineEdit:
+    """What the mixin uses of a ctkPathLineEdit bound to a Path parameter."""
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name, self.currentPath, self.signalsBlocked, self.changes = name, path, False, []
+
+    def property(self, key: str):
+        return self.name if key == "SlicerParameterName" else None
+
+    def blockSignals(self, block: bool) -> bool:
+        before, self.signalsBlocked = self.signalsBlocked, block
+        return before
+
+    def __setattr__(self, key, value) -> None:
+        if key == "currentPath" and hasattr(self, "changes") and not self.signalsBlocked:
+            self.changes.append(value)  # the connector would write this back into the node
+        object.__setattr__(self, key, value)
+
+
+def test_unset_path_fields_show_empty_not_a_dot(scene) -> None:
+    from pathlib import Path
+
+    panel = Panel(scene, Job([]))
+    unset, chosen = PathLineEdit("modelPackage", "."), PathLineEdit("dataPath", "/data/cases.csv")
+    panel.ui.modelPackage, panel.ui.dataPath = unset, chosen
+    node = ParameterNode()
+    node.modelPackage, node.dataPath = Path("."), Path("/data/cases.csv")
+    panel.setParameterNode(node)
+    assert unset.currentPath == "" and unset.changes == []  # blanked with its signals blocked
+    assert chosen.currentPath == "/data/cases.csv"
+    unset.currentPath = "."  # the wrapper writes the unset value again after a change elsewhere
+    node.Modified()
+    assert unset.currentPath == ""
