@@ -91,12 +91,12 @@ def _embedding(model: torch.nn.Module, module: torch.nn.Module, cfg: RunConfig, 
     from monai.transforms import Resize
 
     from medtl.data.slices import slice_stack
+    from medtl.models.registry import pool_stage_output, stage_tensor
 
     captured: list[torch.Tensor] = []
 
     def hook(_m, _i, output):
-        out = output[0] if isinstance(output, tuple | list) else output
-        captured.append(out.flatten(2).mean(2) if out.dim() > 2 else out)
+        captured.append(pool_stage_output(stage_tensor(output)))
 
     handle = module.register_forward_hook(hook)
     try:
