@@ -198,7 +198,17 @@ def _embeddings(reference: dict[str, Any], profile: dict[str, Any]) -> np.ndarra
         return None
     vectors = np.asarray(emb["vectors"], np.float64)
     ref = reference.get("embedding") or {}
-    if "components" in ref and emb is not ref and "components" not in emb:
+    if emb is ref or "components" in emb or "vectors" not in ref:
+        return vectors
+    width = len(ref["mean"]) if "components" in ref else np.asarray(ref["vectors"]).shape[-1]
+    if vectors.shape[-1] != width:
+        # Older MedTL averaged a ViT's tokens over their channels (one number per token), not over the tokens.
+        raise DataError(
+            f"the drift reference holds encoder features of {width} dimensions, these images give "
+            f"{vectors.shape[-1]}: the reference comes from an older MedTL; give the training images with "
+            "--reference train.csv"
+        )
+    if "components" in ref:
         vectors = (vectors - np.asarray(ref["mean"])) @ np.asarray(ref["components"]).T
     return vectors
 

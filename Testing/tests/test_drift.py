@@ -21,6 +21,7 @@ from medtl.drift import (
     profile_images,
     reduce_reference,
 )
+from medtl.errors import DataError
 from medtl.models.registry import build_model
 
 
@@ -190,3 +191,17 @@ def test_the_embedding_of_a_vit_is_its_last_stage_pooled_over_tokens_as_dann_poo
     (classifier_input,) = seen  # every stage pooled, concatenated: the last stage comes last
     assert embedding.shape == (model.core.hidden_dim,)
     torch.testing.assert_close(embedding, classifier_input[0, -len(embedding) :], rtol=1e-5, atol=1e-6)
+
+
+def test_a_reference_of_other_embedding_width_asks_for_the_training_images():
+    """References stored before a ViT's tokens were pooled over the tokens hold one number per token."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(0, 1, (6, 1)).tolist()
+    reference = {"features": ["mean"], "values": values, "embedding": {"vectors": rng.normal(size=(6, 197)).tolist()}}
+    new = {"features": ["mean"], "values": values, "embedding": {"vectors": rng.normal(size=(6, 768)).tolist()}}
+    with pytest.raises(DataError, match="--reference train.csv"):
+        compare_profiles(reference, new)
+    reduced = reduce_reference({**reference, "embedding": {"vectors": rng.normal(size=(2100, 197)).tolist()}})
+    assert "components" in reduced["embedding"]
+    with pytest.raises(DataError, match="197 dimensions, these images give 768"):
+        compare_profiles(reduced, new)
