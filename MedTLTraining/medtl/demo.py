@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,57 +58,58 @@ def _scores(pred: np.ndarray, truth: np.ndarray, held_out: list[int]) -> dict[st
     return {"liver": per_class[1], "tumour": per_class[2], "liver_and_tumour": whole}
 
 
-def run_demo(
-    out_dir: str | Path,
-    *,
-    k: int = 8,
-    epochs: int = 12,
-    device: str = "auto",
-    compare_scratch: bool = False,
-    seeds: int = 3,
-    events: EventSink | None = None,
-) -> dict[str, Any]:
-    from medtl.infer import predict_slices
-    from medtl.report import training_figure
+@dataclass
+class _DemoCase:
+    """The demo CT as the network sees it, with the slices that train and the slices that score."""
 
-    events = events or EventSink()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    image, label_image = load_demo_case()
+    image: Any  # SimpleITK.Image
+    truth: np.ndarray
+    volume: np.ndarray
+    labelled: list[int]
+    held_out: list[int]
+
+
+def _load_case(cfg: RunConfig, k: int) -> _DemoCase:
     import SimpleITK as sitk
 
-    truth = sitk.GetArrayFromImage(label_image).astype(np.int64)
-    cfg = demo_config(epochs=epochs, device=device)
+    image, label_image = load_demo_case()
     volume = preprocess(image, cfg)
-    n_slices = volume.shape[0]
-    labelled = spread_slices(range(n_slices), k)
-    held_out = [z for z in range(n_slices) if z not in labelled]
-    items = slice_items(volume, truth, slices=labelled, case="lits-117")
-    events.emit(
-        "message",
-        message=(
-            f"LiTS case 117: {n_slices} axial slices, {k} labelled (z = {labelled}), Dice on the other "
-            f"{len(held_out)}. Spacing is not in the data: assuming {ASSUMED_SPACING_MM} mm."
-        ),
+    labelled = spread_slices(range(volume.shape[0]), k)
+    return _DemoCase(
+        image=image,
+        truth=sitk.GetArrayFromImage(label_image).astype(np.int64),
+        volume=volume,
+        labelled=labelled,
+        held_out=[z for z in range(volume.shape[0]) if z not in labelled],
     )
-    write_image(image, out / "image.nrrd")
-    segments = [(e["value"], e["name"], tuple(e["color"])) for e in label_table(LABEL_NAMES)[1:]]
-    write_segmentation(truth, image, out / "reference.seg.nrrd", segments)
 
-    torch_device = resolve_device(device, events)
-    runs: dict[str, list[dict[str, Any]]] = {"pretrained": []}
-    if compare_scratch:
-        runs["scratch"] = []
+
+def _train_runs(
+    case: _DemoCase,
+    out: Path,
+    *,
+    epochs: int,
+    device: str,
+    torch_device,
+    seeds: int,
+    kinds: list[str],
+    events: EventSink,
+) -> tuple[dict[str, list[dict[str, Any]]], Any, np.ndarray]:
+    """Each kind of start (pretrained, scratch) trained with each seed and scored on the held-out
+    slices; with the pretrained seed-0 network and its prediction, which the demo ships."""
+    from medtl.infer import predict_slices
+
+    items = slice_items(case.volume, case.truth, slices=case.labelled, case="lits-117")
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     main_model = main_pred = None
-    for seed in range(seeds if compare_scratch else 1):
-        for kind in runs:
+    for seed in range(seeds):
+        for kind in kinds:
             run_cfg = demo_config(epochs=epochs, device=device, seed=seed, pretrained=kind == "pretrained")
             result = fit(
                 run_cfg, items, run_dir=out / "runs" / f"{kind}_seed{seed}", events=events, label=f"{kind} s{seed}"
             )
-            pred = predict_slices(result.model, volume, device=torch_device).argmax(0)
-            scores = _scores(pred, truth, held_out)
+            pred = predict_slices(result.model, case.volume, device=torch_device).argmax(0)
+            scores = _scores(pred, case.truth, case.held_out)
             runs[kind].append(
                 {
                     "seed": seed,
@@ -125,38 +127,90 @@ def run_demo(
             )
             if kind == "pretrained" and seed == 0:
                 main_model, main_pred = result.model, pred
+    return runs, main_model, main_pred
 
+
+def _demo_metrics(case: _DemoCase, cfg: RunConfig, runs: dict[str, list[dict[str, Any]]], torch_device) -> dict:
     metrics: dict[str, Any] = {
         "case": "LiTS 117 (liver-ct-segmentation-package 1.6.0), 128x128x128 crop",
         "assumed_spacing_mm": list(ASSUMED_SPACING_MM),
-        "labelled_slices": labelled,
-        "evaluated_slices": len(held_out),
+        "labelled_slices": case.labelled,
+        "evaluated_slices": len(case.held_out),
         "model": cfg.model.name,
         "device": str(torch_device),
         "dice_held_out": runs["pretrained"][0]["dice"],
         "runs": {kind: [{k2: v for k2, v in r.items() if k2 != "history"} for r in rs] for kind, rs in runs.items()},
     }
-    if compare_scratch:
+    if "scratch" in runs:
         metrics["comparison"] = {
             kind: {name: summarize([r["dice"][name] for r in rs]) for name in ("liver", "tumour", "liver_and_tumour")}
             for kind, rs in runs.items()
         }
-    cfg.save(out / "config.json")
-    write_segmentation(main_pred.astype(np.uint8), image, out / "prediction.seg.nrrd", segments)
-    middle = held_out[len(held_out) // 2]
-    shown = sorted({held_out[len(held_out) // 6], middle, held_out[5 * len(held_out) // 6]})
+    return metrics
+
+
+def _demo_figure(out: Path, case: _DemoCase, runs: dict[str, list[dict[str, Any]]], pred: np.ndarray) -> None:
+    """Loss curves of every run and three held-out slices with the prediction."""
+    from medtl.report import training_figure
+
+    held_out = case.held_out
+    shown = sorted({held_out[len(held_out) // 6], held_out[len(held_out) // 2], held_out[5 * len(held_out) // 6]})
     curves = {f"{kind} s{r['seed']}": r["history"] for kind, rs in runs.items() for r in rs}
     training_figure(
-        out / "demo.png", curves, image=volume, truth=truth, pred=main_pred, slices=shown, labelled=labelled
+        out / "demo.png", curves, image=case.volume, truth=case.truth, pred=pred, slices=shown, labelled=case.labelled
     )
+
+
+def run_demo(
+    out_dir: str | Path,
+    *,
+    k: int = 8,
+    epochs: int = 12,
+    device: str = "auto",
+    compare_scratch: bool = False,
+    seeds: int = 3,
+    events: EventSink | None = None,
+) -> dict[str, Any]:
+    events = events or EventSink()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    cfg = demo_config(epochs=epochs, device=device)
+    case = _load_case(cfg, k)
+    events.emit(
+        "message",
+        message=(
+            f"LiTS case 117: {case.volume.shape[0]} axial slices, {k} labelled (z = {case.labelled}), Dice on the "
+            f"other {len(case.held_out)}. Spacing is not in the data: assuming {ASSUMED_SPACING_MM} mm."
+        ),
+    )
+    write_image(case.image, out / "image.nrrd")
+    segments = [(e["value"], e["name"], tuple(e["color"])) for e in label_table(LABEL_NAMES)[1:]]
+    write_segmentation(case.truth, case.image, out / "reference.seg.nrrd", segments)
+
+    torch_device = resolve_device(device, events)
+    runs, main_model, main_pred = _train_runs(
+        case,
+        out,
+        epochs=epochs,
+        device=device,
+        torch_device=torch_device,
+        seeds=seeds if compare_scratch else 1,
+        kinds=["pretrained", "scratch"] if compare_scratch else ["pretrained"],
+        events=events,
+    )
+    metrics = _demo_metrics(case, cfg, runs, torch_device)
+    cfg.save(out / "config.json")
+    write_segmentation(main_pred.astype(np.uint8), case.image, out / "prediction.seg.nrrd", segments)
+    _demo_figure(out, case, runs, main_pred)
     package = save_package(
         out / "model",
         main_model,
         cfg,
         metrics={"dice_held_out": metrics["dice_held_out"]},
-        extra={"training_data_note": "LiTS case 117, labelled slices " + ", ".join(map(str, labelled))},
+        extra={"training_data_note": "LiTS case 117, labelled slices " + ", ".join(map(str, case.labelled))},
     )
-    _demo_report(out, package, main_pred, truth, held_out, len(labelled))
+    _demo_report(out, package, main_pred, case.truth, case.held_out, len(case.labelled))
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     events.emit("done", run_dir=str(out), package=str(out / "model"), metrics=metrics)

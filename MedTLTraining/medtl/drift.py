@@ -6,10 +6,12 @@ on, in two ways:
 - **intensity and header statistics** per image (after the package's preprocessing, and raw):
   each compared by a two-sample Kolmogorov-Smirnov test (SciPy), p-values corrected for the
   number of features (Benjamini-Hochberg), with the shift in reference standard deviations;
-- **the network's own view**: the deepest encoder stage's features, averaged over the image,
-  reduced by a PCA fitted on the reference. Each new image's Mahalanobis distance to the
-  reference (Ledoit-Wolf covariance, scikit-learn) is compared with the reference images'
-  leave-one-out distances: a KS test for the set, the reference's 99th percentile for each image;
+- **the network's own view**: the deepest encoder stage's features, averaged over the image
+  (projected on a PCA of the reference when the reference would be too large to store). For the
+  set, a classifier two-sample test: can a logistic regression tell new from reference embeddings
+  (cross-validated AUROC, permutation p-value, scikit-learn)? For each image, its distance to the
+  reference centre in reference standard deviations per dimension, against the reference images'
+  leave-one-out distances (their 99th percentile from 100 images on, else their largest);
 - **images far outside the reference**: a new image whose intensity statistics lie, as a whole
   (their median), more than :data:`OUTLIER_SD` reference standard deviations from the reference
   mean is drift by itself, however few images either side holds: the tests above cannot reject
@@ -91,12 +93,12 @@ def _embedding(model: torch.nn.Module, module: torch.nn.Module, cfg: RunConfig, 
     from monai.transforms import Resize
 
     from medtl.data.slices import slice_stack
+    from medtl.models.registry import pool_stage_output, stage_tensor
 
     captured: list[torch.Tensor] = []
 
     def hook(_m, _i, output):
-        out = output[0] if isinstance(output, tuple | list) else output
-        captured.append(out.flatten(2).mean(2) if out.dim() > 2 else out)
+        captured.append(pool_stage_output(stage_tensor(output)))
 
     handle = module.register_forward_hook(hook)
     try:
@@ -196,7 +198,17 @@ def _embeddings(reference: dict[str, Any], profile: dict[str, Any]) -> np.ndarra
         return None
     vectors = np.asarray(emb["vectors"], np.float64)
     ref = reference.get("embedding") or {}
-    if "components" in ref and emb is not ref and "components" not in emb:
+    if emb is ref or "components" in emb or "vectors" not in ref:
+        return vectors
+    width = len(ref["mean"]) if "components" in ref else np.asarray(ref["vectors"]).shape[-1]
+    if vectors.shape[-1] != width:
+        # Older MedTL averaged a ViT's tokens over their channels (one number per token), not over the tokens.
+        raise DataError(
+            f"the drift reference holds encoder features of {width} dimensions, these images give "
+            f"{vectors.shape[-1]}: the reference comes from an older MedTL; give the training images with "
+            "--reference train.csv"
+        )
+    if "components" in ref:
         vectors = (vectors - np.asarray(ref["mean"])) @ np.asarray(ref["components"]).T
     return vectors
 
@@ -228,14 +240,10 @@ def _distances(ref: np.ndarray, points: np.ndarray) -> np.ndarray:
     return np.sqrt((((points - centre) / sd) ** 2).mean(1))
 
 
-def compare_profiles(reference: dict[str, Any], new: dict[str, Any], *, alpha: float = 0.05) -> dict[str, Any]:
-    """Whether (set level) and where (features, images) ``new`` differs from ``reference``."""
+def _feature_tests(names: Sequence[str], ref: np.ndarray, cur: np.ndarray, alpha: float) -> list[dict[str, Any]]:
+    """Per feature: a KS test, Benjamini-Hochberg q-values, the shift in reference SDs; most shifted first."""
     from scipy.stats import false_discovery_control, ks_2samp
 
-    names = reference["features"]
-    ref, cur = np.asarray(reference["values"], np.float64), np.asarray(new["values"], np.float64)
-    if ref.shape[1] != cur.shape[1]:
-        raise DataError("the reference and the new profile hold different features; profile both with this MedTL")
     features, p_values = [], []
     for j, name in enumerate(names):
         sd = float(ref[:, j].std(ddof=1)) if len(ref) > 1 else 0.0
@@ -256,13 +264,13 @@ def compare_profiles(reference: dict[str, Any], new: dict[str, Any], *, alpha: f
     for entry, q in zip(features, q_values, strict=True):
         entry["q"] = float(q)
         entry["drifted"] = bool(q < alpha)
-    result: dict[str, Any] = {
-        "alpha": alpha,
-        "reference_images": int(len(ref)),
-        "new_images": int(len(cur)),
-        "features": sorted(features, key=lambda e: e["q"]),
-    }
-    images = [{"index": i, "flags": []} for i in range(len(cur))]
+    return sorted(features, key=lambda e: e["q"])
+
+
+def _image_flags(names: Sequence[str], ref: np.ndarray, cur: np.ndarray) -> tuple[list[dict[str, Any]], int]:
+    """Per new image: statistics beyond 4 reference SDs, and whether its intensity statistics as a
+    whole lie beyond :data:`OUTLIER_SD`; with how many images do."""
+    images: list[dict[str, Any]] = [{"index": i, "flags": []} for i in range(len(cur))]
     mean, sd = ref.mean(0), ref.std(0, ddof=1) if len(ref) > 1 else np.ones(ref.shape[1])
     intensity = [names.index(n) for n in INTENSITY if n in names]
     outliers = 0
@@ -280,49 +288,60 @@ def compare_profiles(reference: dict[str, Any], new: dict[str, Any], *, alpha: f
                     f"intensity {distance:.0f} reference SDs from the reference (median of its statistics; "
                     f"limit {OUTLIER_SD:g})"
                 )
-    embedding_drift = False
+    return images, outliers
+
+
+def _embedding_comparison(
+    reference: dict[str, Any], new: dict[str, Any], images: list[dict[str, Any]], alpha: float
+) -> dict[str, Any] | None:
+    """The set-level test of the embeddings; flags the images far from the reference in ``images``.
+    None without embeddings on both sides (two at least)."""
     ref_emb, cur_emb = _embeddings(reference, reference), _embeddings(reference, new)
-    if ref_emb is not None and cur_emb is not None and min(len(ref_emb), len(cur_emb)) >= 2:
-        p = _embedding_test(ref_emb, cur_emb)
-        # Leave-one-out distances of the reference images: in-sample ones would be too small.
-        loo = np.array([_distances(np.delete(ref_emb, i, 0), ref_emb[i : i + 1])[0] for i in range(len(ref_emb))])
-        distances = _distances(ref_emb, cur_emb)
-        limit = float(np.percentile(loo, 99)) if len(loo) >= 100 else float(loo.max())
-        embedding_drift = p < alpha
-        result["embedding"] = {
-            "p": p,
-            "drifted": embedding_drift,
-            "test": "classifier two-sample test (logistic regression, cross-validated AUROC, 199 permutations)",
-            "reference_distance_median": float(np.median(loo)),
-            "new_distance_median": float(np.median(distances)),
-            "outlier_limit": limit,
-            "dimensions": int(ref_emb.shape[1]),
-        }
-        for i, d in enumerate(distances):
-            images[i]["embedding_distance"] = float(d)
-            if d > limit:
-                images[i]["flags"].append(f"encoder features {d:.2f} from the reference (limit {limit:.2f})")
-    else:
-        result["embedding"] = None
-    drifted = [e for e in result["features"] if e["drifted"]]
-    result["outside_reference"] = outliers
-    result["drift"] = bool(drifted) or embedding_drift or outliers > 0
-    result["images"] = images
-    notes = []
-    if min(len(ref), len(cur)) < LOW_POWER:
-        notes.append(
-            f"only {min(len(ref), len(cur))} image(s) on one side: the tests can hardly detect anything; "
-            + (
-                f"images more than {OUTLIER_SD:g} reference SDs away still count"
-                if len(ref) >= OUTLIER_MIN_REFERENCE
-                else f"with fewer than {OUTLIER_MIN_REFERENCE} reference images not even far outliers are found"
-            )
-        )
+    if ref_emb is None or cur_emb is None or min(len(ref_emb), len(cur_emb)) < 2:
+        return None
+    p = _embedding_test(ref_emb, cur_emb)
+    # Leave-one-out distances of the reference images: in-sample ones would be too small.
+    loo = np.array([_distances(np.delete(ref_emb, i, 0), ref_emb[i : i + 1])[0] for i in range(len(ref_emb))])
+    distances = _distances(ref_emb, cur_emb)
+    limit = float(np.percentile(loo, 99)) if len(loo) >= 100 else float(loo.max())
+    for i, d in enumerate(distances):
+        images[i]["embedding_distance"] = float(d)
+        if d > limit:
+            images[i]["flags"].append(f"encoder features {d:.2f} from the reference (limit {limit:.2f})")
+    return {
+        "p": p,
+        "drifted": p < alpha,
+        "test": "classifier two-sample test (logistic regression, cross-validated AUROC, 199 permutations)",
+        "reference_distance_median": float(np.median(loo)),
+        "new_distance_median": float(np.median(distances)),
+        "outlier_limit": limit,
+        "dimensions": int(ref_emb.shape[1]),
+    }
+
+
+def _power_notes(reference_images: int, new_images: int) -> list[str]:
+    """What the tests cannot see with this few images."""
+    if min(reference_images, new_images) >= LOW_POWER:
+        return []
+    still = (
+        f"images more than {OUTLIER_SD:g} reference SDs away still count"
+        if reference_images >= OUTLIER_MIN_REFERENCE
+        else f"with fewer than {OUTLIER_MIN_REFERENCE} reference images not even far outliers are found"
+    )
+    return [
+        f"only {min(reference_images, new_images)} image(s) on one side: the tests can hardly detect anything; {still}"
+    ]
+
+
+def _summary(result: dict[str, Any], notes: list[str]) -> str:
+    """One line: the drift found, its strongest signs, and how many images were flagged."""
+    images, outliers = result["images"], result["outside_reference"]
     parts = [
         f"{e['feature']} {'higher' if e['shift_sd'] > 0 else 'lower'} by {abs(e['shift_sd']):.1f} SD (q={e['q']:.3g})"
-        for e in drifted[:5]
-    ]
-    if embedding_drift:
+        for e in result["features"]
+        if e["drifted"]
+    ][:5]
+    if result["embedding"] and result["embedding"]["drifted"]:
         parts.append(f"the network's features differ (p={result['embedding']['p']:.3g})")
     if outliers:
         parts.append(
@@ -332,7 +351,29 @@ def compare_profiles(reference: dict[str, Any], new: dict[str, Any], *, alpha: f
     summary = ("DRIFT: " + "; ".join(parts)) if result["drift"] else "no drift detected"
     if flagged:
         summary += f"; {flagged} of {len(images)} image(s) flagged individually"
-    result["summary"] = summary + ("" if not notes else f" ({'; '.join(notes)})")
+    return summary + ("" if not notes else f" ({'; '.join(notes)})")
+
+
+def compare_profiles(reference: dict[str, Any], new: dict[str, Any], *, alpha: float = 0.05) -> dict[str, Any]:
+    """Whether (set level) and where (features, images) ``new`` differs from ``reference``."""
+    names = reference["features"]
+    ref, cur = np.asarray(reference["values"], np.float64), np.asarray(new["values"], np.float64)
+    if ref.shape[1] != cur.shape[1]:
+        raise DataError("the reference and the new profile hold different features; profile both with this MedTL")
+    result: dict[str, Any] = {
+        "alpha": alpha,
+        "reference_images": int(len(ref)),
+        "new_images": int(len(cur)),
+        "features": _feature_tests(names, ref, cur, alpha),
+    }
+    images, outliers = _image_flags(names, ref, cur)
+    result["embedding"] = _embedding_comparison(reference, new, images, alpha)
+    embedding_drift = bool(result["embedding"] and result["embedding"]["drifted"])
+    result["outside_reference"] = outliers
+    result["drift"] = any(e["drifted"] for e in result["features"]) or embedding_drift or outliers > 0
+    result["images"] = images
+    notes = _power_notes(len(ref), len(cur))
+    result["summary"] = _summary(result, notes)
     result["notes"] = notes
     return result
 

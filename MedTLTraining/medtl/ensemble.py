@@ -81,8 +81,7 @@ def save_ensemble(
 
     Members must agree on the task and the label values and names.
     """
-    from medtl.package import MANIFEST, read_manifest, versions
-    from medtl.provenance import combined_sha256
+    from medtl.package import MANIFEST, read_manifest
 
     if combine not in COMBINE:
         raise DataError(f"ensemble combine '{combine}': choose from {', '.join(COMBINE)}")
@@ -93,6 +92,27 @@ def save_ensemble(
     if len(weights) != len(members) or min(weights) < 0 or sum(weights) <= 0:
         raise DataError(f"ensemble weights {weights}: one non-negative weight per member, not all zero")
     manifests = [read_manifest(m) for m in members]
+    _check_members(members, manifests)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        entries, files = [], {}
+        for i, (member, m) in enumerate(zip(members, manifests, strict=True)):
+            target = tmp / "members" / str(i)
+            shutil.copytree(member, target)
+            files[f"members/{i}/{MANIFEST}"] = sha256_file(target / MANIFEST)
+            entries.append(_member_entry(f"members/{i}", m, weights[i]))
+        manifest = _ensemble_manifest(manifests, {"combine": combine, "weights": weights, "members": entries}, files)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        replace_directory(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _check_members(members: Sequence[Path], manifests: Sequence[dict[str, Any]]) -> None:
+    """Members must be single models of one task that give each label value the same meaning."""
     first = manifests[0]
     for member, m in zip(members[1:], manifests[1:], strict=True):
         if m.get("ensemble"):
@@ -106,51 +126,50 @@ def save_ensemble(
             )
     if first.get("ensemble"):
         raise DataError(f"{members[0]} is itself an ensemble; list its members instead")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        entries, files = [], {}
-        for i, (member, m) in enumerate(zip(members, manifests, strict=True)):
-            target = tmp / "members" / str(i)
-            shutil.copytree(member, target)
-            files[f"members/{i}/{MANIFEST}"] = sha256_file(target / MANIFEST)
-            entries.append(
-                {
-                    "path": f"members/{i}",
-                    "model": m["model"]["name"],
-                    "spatial_dims": m["model"]["spatial_dims"],
-                    "preset": m["preprocessing"]["preset"],
-                    "weight": weights[i],
-                    "weights_sha256": m.get("files", {}).get("model.safetensors"),
-                    "metrics": {k: v for k, v in m.get("metrics", {}).items() if not isinstance(v, list)},
-                }
-            )
-        hashes = sorted({r["sha256"] for m in manifests for r in m.get("training_data", [])})
-        manifest = {
-            "format_version": first.get("format_version", 1),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {
-                "name": "ensemble",
-                "num_classes": first["model"]["num_classes"],
-                "spatial_dims": first["model"]["spatial_dims"],
-            },
-            "task": first.get("task"),
-            "preprocessing": first["preprocessing"],
-            "labels": first["labels"],
-            "config": first["config"],
-            "ensemble": {"combine": combine, "weights": weights, "members": entries},
-            "training_data": [{"sha256": h} for h in hashes],
-            "provenance": {"files": len(hashes), "sha256": hashes, "combined_sha256": combined_sha256(hashes)},
-            "metrics": {},
-            "versions": versions(),
-            "files": files,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        replace_directory(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+
+def _member_entry(folder: str, manifest: dict[str, Any], weight: float) -> dict[str, Any]:
+    """What the ensemble's manifest says of one member (its scalar metrics, not their per-case lists)."""
+    return {
+        "path": folder,
+        "model": manifest["model"]["name"],
+        "spatial_dims": manifest["model"]["spatial_dims"],
+        "preset": manifest["preprocessing"]["preset"],
+        "weight": weight,
+        "weights_sha256": manifest.get("files", {}).get("model.safetensors"),
+        "metrics": {k: v for k, v in manifest.get("metrics", {}).items() if not isinstance(v, list)},
+    }
+
+
+def _ensemble_manifest(
+    manifests: Sequence[dict[str, Any]], ensemble: dict[str, Any], files: dict[str, str]
+) -> dict[str, Any]:
+    """The ensemble's own manifest: the first member's task, labels and preprocessing, and the
+    training data of all members."""
+    from medtl.package import versions
+    from medtl.provenance import combined_sha256
+
+    first = manifests[0]
+    hashes = sorted({r["sha256"] for m in manifests for r in m.get("training_data", [])})
+    return {
+        "format_version": first.get("format_version", 1),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": "ensemble",
+            "num_classes": first["model"]["num_classes"],
+            "spatial_dims": first["model"]["spatial_dims"],
+        },
+        "task": first.get("task"),
+        "preprocessing": first["preprocessing"],
+        "labels": first["labels"],
+        "config": first["config"],
+        "ensemble": ensemble,
+        "training_data": [{"sha256": h} for h in hashes],
+        "provenance": {"files": len(hashes), "sha256": hashes, "combined_sha256": combined_sha256(hashes)},
+        "metrics": {},
+        "versions": versions(),
+        "files": files,
+    }
 
 
 def load_ensemble(path: Path, manifest: dict[str, Any]) -> EnsemblePackage:

@@ -264,10 +264,9 @@ def export_package(
     package = load_package(package_path)
     if getattr(package, "manifest", {}).get("ensemble"):
         raise DataError(f"{package_path} is an ensemble; export its members one by one")
-    cfg = package.config
     model = package.model.eval()
     array, source = _check_input(package, image)
-    example = _example_input(cfg, model)
+    example = _example_input(package.config, model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     report: dict[str, Any] = {
@@ -282,45 +281,69 @@ def export_package(
         with package.domain_context(domain):
             onnx_shape: list = []
             if "onnx" in formats:
-                if events is not None:
-                    events.emit("message", message="exporting to ONNX (torch.export; takes a few seconds)")
-                _export_onnx(model, example, tmp / ONNX_FILE, spatial=not cfg.is_classification, opset=opset)
-                run, session = _onnx_runner(tmp / ONNX_FILE)
-                onnx_shape = [d if isinstance(d, int) else str(d) for d in session.get_inputs()[0].shape]
-                import onnxruntime
-
-                entry = parity(package, model, _Exported(run, model.spec), array)
-                entry.update(
-                    file=ONNX_FILE,
-                    onnxruntime=onnxruntime.__version__,
-                    provider="CPUExecutionProvider",
-                    input_shape=onnx_shape,
-                    dynamic_spatial_axes=all(not isinstance(d, int) for d in onnx_shape[2:]),
+                report["formats"]["onnx"] = _onnx_export(
+                    package, model, example, array, tmp, opset=opset, events=events
                 )
-                report["formats"]["onnx"] = entry
+                onnx_shape = report["formats"]["onnx"]["input_shape"]
             if "torchscript" in formats:
-                with torch.no_grad(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # tracer warnings on shape checks that are constant here
-                    traced = torch.jit.trace(model, example, check_trace=False)
-                    traced.save(str(tmp / TORCHSCRIPT_FILE))
-                    # Loaded back from the file, so the check covers what a deployment reads.
-                    loaded = torch.jit.load(str(tmp / TORCHSCRIPT_FILE)).eval()
-                entry = parity(package, model, _Exported(loaded, model.spec), array)
-                entry.update(file=TORCHSCRIPT_FILE, method="torch.jit.trace")
-                report["formats"]["torchscript"] = entry
-        record = _preprocessing_record(package, model, onnx_shape)
-        if domain or package.domains:
-            record["domain"] = domain or package.manifest.get("default_domain")
-        record["files"] = {e["file"]: sha256_file(tmp / e["file"]) for e in report["formats"].values()}
-        atomic_write_text(tmp / "preprocessing.json", json.dumps(record, indent=2) + "\n")
-        report["passed"] = all(e["passed"] for e in report["formats"].values())
-        atomic_write_text(tmp / "export_report.json", json.dumps(report, indent=2) + "\n")
+                report["formats"]["torchscript"] = _torchscript_export(package, model, example, array, tmp)
+        _write_records(tmp, package, model, report, onnx_shape=onnx_shape, domain=domain)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.chmod(umask_mode(0o777))  # mkdtemp's 0700 would keep colleagues out of a shared export
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _raise_on_disagreement(report, source, out_dir)
+    return report
+
+
+def _onnx_export(package, model, example: torch.Tensor, array, folder: Path, *, opset, events) -> dict[str, Any]:
+    """Writes the ONNX file into ``folder``; its parity entry, run in onnxruntime on the CPU."""
+    if events is not None:
+        events.emit("message", message="exporting to ONNX (torch.export; takes a few seconds)")
+    _export_onnx(model, example, folder / ONNX_FILE, spatial=not package.config.is_classification, opset=opset)
+    run, session = _onnx_runner(folder / ONNX_FILE)  # says how to install onnxruntime where it is missing
+    import onnxruntime
+
+    onnx_shape = [d if isinstance(d, int) else str(d) for d in session.get_inputs()[0].shape]
+    entry = parity(package, model, _Exported(run, model.spec), array)
+    entry.update(
+        file=ONNX_FILE,
+        onnxruntime=onnxruntime.__version__,
+        provider="CPUExecutionProvider",
+        input_shape=onnx_shape,
+        dynamic_spatial_axes=all(not isinstance(d, int) for d in onnx_shape[2:]),
+    )
+    return entry
+
+
+def _torchscript_export(package, model, example: torch.Tensor, array, folder: Path) -> dict[str, Any]:
+    """Writes the traced TorchScript file into ``folder``; its parity entry."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings on shape checks that are constant here
+        traced = torch.jit.trace(model, example, check_trace=False)
+        traced.save(str(folder / TORCHSCRIPT_FILE))
+        # Loaded back from the file, so the check covers what a deployment reads.
+        loaded = torch.jit.load(str(folder / TORCHSCRIPT_FILE)).eval()
+    entry = parity(package, model, _Exported(loaded, model.spec), array)
+    entry.update(file=TORCHSCRIPT_FILE, method="torch.jit.trace")
+    return entry
+
+
+def _write_records(folder: Path, package, model, report: dict[str, Any], *, onnx_shape: list, domain) -> None:
+    """``preprocessing.json`` (what a deployment must do to an image, and the files' hashes) and
+    ``export_report.json`` (the parity report, with whether every format passed)."""
+    record = _preprocessing_record(package, model, onnx_shape)
+    if domain or package.domains:
+        record["domain"] = domain or package.manifest.get("default_domain")
+    record["files"] = {e["file"]: sha256_file(folder / e["file"]) for e in report["formats"].values()}
+    atomic_write_text(folder / "preprocessing.json", json.dumps(record, indent=2) + "\n")
+    report["passed"] = all(e["passed"] for e in report["formats"].values())
+    atomic_write_text(folder / "export_report.json", json.dumps(report, indent=2) + "\n")
+
+
+def _raise_on_disagreement(report: dict[str, Any], source: str, out_dir: Path) -> None:
     failed = [name for name, e in report["formats"].items() if not e["passed"]]
     if failed:
         detail = "; ".join(
@@ -331,4 +354,3 @@ def export_package(
         raise ExportParityError(
             f"the {', '.join(failed)} export disagrees with PyTorch on {source} ({detail}); files kept in {out_dir}"
         )
-    return report

@@ -334,77 +334,6 @@ def _fairness_png(table: dict[str, Any], summary: dict[str, Any]) -> bytes:
     return _figure_png(fig)
 
 
-_TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
-<style>
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
-h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }
-table { border-collapse: collapse; margin: .5em 0; font-size: .9em; }
-td, th { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
-th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-.warn { color: #a15c00; } pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .8em; }
-figure { display: inline-block; margin: .5em 1em .5em 0; } figcaption { font-size: .85em; color: #555; }
-nav a { margin-right: 1em; }
-</style></head><body>
-<h1>{{ title }}</h1>
-<p>{{ card.kind | capitalize }} report, created {{ card.created }} by MedTL {{ card.software.get("medtl", "") }}.
-Cases are named by CSV row and image hash{% if not include_identifiers %}; no file names{% endif %}.</p>
-<nav>{% for id, name in sections %}<a href="#{{ id }}">{{ name }}</a>{% endfor %}</nav>
-
-<h2 id="intended-use">Intended use</h2>
-<p>{{ card.intended_use }}</p>
-
-<h2 id="model">Model</h2>
-<table>
-<tr><th>network</th><td>{{ card.model.name }} ({{ card.model.spatial_dims }}D, {{ card.model.task }})</td></tr>
-<tr><th>labels</th><td>{% for e in card.model.labels %}
-{{ e.get("value", e.get("index")) }} = {{ e.name }}{% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
-<tr><th>pretrained weights</th><td>{{ card.model.pretrained }}</td></tr>
-<tr><th>strategy</th><td>{{ card.model.strategy }}</td></tr>
-<tr><th>adaptation</th><td>{{ card.model.adaptation | join(", ") or "none" }}</td></tr>
-{% if card.model.ensemble %}<tr><th>ensemble</th>
-<td>{{ card.model.ensemble.get("combine") }} of {{ card.model.ensemble.get("members") | length }} members</td></tr>
-{% endif %}
-<tr><th>weights sha256</th><td>{{ card.model.weights_sha256 or "–" }}</td></tr>
-</table>
-
-<h2 id="training-data">Training data provenance</h2>
-{{ provenance(card.training_data) }}
-
-<h2 id="evaluation-data">Evaluation data</h2>
-{% if card.evaluation_data %}{{ provenance(card.evaluation_data) }}
-{% else %}<p>No separate evaluation data.</p>{% endif %}
-
-<h2 id="metrics">Metrics</h2>
-{{ metrics_html }}
-
-<h2 id="fairness">Fairness</h2>
-{{ fairness_html }}
-
-<h2 id="plots">Plots</h2>
-{% for caption, data in figures %}<figure><img alt="{{ caption }}" src="data:image/png;base64,{{ data }}">
-<figcaption>{{ caption }}</figcaption></figure>{% else %}<p>No plots.</p>{% endfor %}
-
-<h2 id="configuration">Configuration</h2>
-<pre>{{ configuration }}</pre>
-
-<h2 id="software">Software versions</h2>
-<table>{% for k, v in card.software.items() %}<tr><th>{{ k }}</th><td>{{ v }}</td></tr>{% endfor %}</table>
-
-<h2 id="limitations">Known limitations</h2>
-<ul>{% for item in card.limitations %}<li class="warn">{{ item }}</li>
-{% else %}<li>None found; that is not proof there are none.</li>{% endfor %}</ul>
-</body></html>
-"""
-
-
-def _esc(value: Any) -> str:
-    """Escaped text as a plain str: adding a str to markupsafe's Markup would escape the str."""
-    from markupsafe import escape
-
-    return str(escape(value))
-
-
 def _interval(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "–"
@@ -417,121 +346,18 @@ def _interval(entry: dict[str, Any] | None) -> str:
     return text
 
 
-def _metrics_html(summary: dict[str, Any] | None, extra_rows: dict[str, Any]) -> str:
-    parts = []
-    if extra_rows:
-        parts.append(
-            "<table>"
-            + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_pretty_value(v))}</td></tr>" for k, v in extra_rows.items())
-            + "</table>"
-        )
-    if not summary:
-        parts.append("<p>No held-out cases were scored.</p>")
-        return "\n".join(parts)
-    parts.append(f"<p>{summary['cases']} case(s); means with 95 % bootstrap intervals over cases.</p>")
-    if summary["task"] == "segmentation":
-        head = "".join(f"<th>{_esc(m)}</th>" for m in next(iter(summary["metrics"].values())))
-        rows = "".join(
-            f"<tr><td>{_esc(name)}</td>" + "".join(f"<td>{_esc(_interval(v))}</td>" for v in entry.values()) + "</tr>"
-            for name, entry in summary["metrics"].items()
-        )
-        parts.append(f"<table><tr><th>label</th>{head}</tr>{rows}</table>")
-    else:
-        m = summary["metrics"]
-        cols = ("auroc", "sensitivity", "specificity", "f1")
-        rows = "".join(
-            f"<tr><td>{_esc(name)} ({e['positives']}+/{e['negatives']}-)</td>"
-            + "".join(f"<td>{_esc(_interval(e[c]))}</td>" for c in cols)
-            + f"<td>{_esc(_pretty_value(e['ece']))}</td></tr>"
-            for name, e in m["classes"].items()
-        )
-        parts.append(
-            "<table><tr><th>class</th>" + "".join(f"<th>{c}</th>" for c in cols) + f"<th>ECE</th></tr>{rows}</table>"
-        )
-        if "accuracy" in m:
-            parts.append(f"<p>Accuracy {m['accuracy']:.3f}.</p>")
-    return "\n".join(parts)
+def _templates():
+    """The report templates (``medtl/templates``), autoescaped, with the report's number formats as filters."""
+    from jinja2 import Environment, FileSystemLoader
 
-
-def _fairness_html(tables: Sequence[dict[str, Any]], task: str | None) -> str:
-    if not tables:
-        return "<p>No grouping column was given (evaluate with <code>--group-by</code>).</p>"
-    parts = []
-    for table in tables:
-        parts.append(f"<h3>by {_esc(table['column'])}</h3>")
-        if task == "segmentation":
-            names = [k for k in next(iter(table["groups"].values())) if k != "cases"]
-            head = "".join(f"<th>{_esc(n)} Dice</th><th>{_esc(n)} HD95 mm</th>" for n in names)
-            rows = "".join(
-                f"<tr><td>{_esc(g)}</td><td>{v['cases']}</td>"
-                + "".join(
-                    f"<td>{_esc(_interval(v[n]['dice']))}</td><td>{_esc(_interval(v[n]['hd95_mm']))}</td>"
-                    for n in names
-                )
-                + "</tr>"
-                for g, v in table["groups"].items()
-            )
-            parts.append(f"<table><tr><th>group</th><th>cases</th>{head}</tr>{rows}</table>")
-            parts.append(
-                "<p>Largest gap in mean Dice between groups: "
-                + ", ".join(f"{_esc(n)} {_pretty_value(gap)}" for n, gap in table["dice_gap"].items())
-                + ".</p>"
-            )
-        else:
-            for name, entry in table["classes"].items():
-                cols = ("sensitivity", "specificity", "selection_rate", "auroc")
-                rows = "".join(
-                    f"<tr><td>{_esc(g)}</td><td>{table['cases'][g]}</td>"
-                    + "".join(f"<td>{_esc(_pretty_value(v[c]))}</td>" for c in cols)
-                    + "</tr>"
-                    for g, v in entry["by_group"].items()
-                )
-                parts.append(
-                    f"<p><b>{_esc(name)}</b>: equalised-odds difference "
-                    f"{_esc(_pretty_value(entry['equalized_odds_difference']))}, demographic-parity difference "
-                    f"{_esc(_pretty_value(entry['demographic_parity_difference']))} (fairlearn; 0 is parity).</p>"
-                    "<table><tr><th>group</th><th>cases</th>"
-                    + "".join(f"<th>{c}</th>" for c in cols)
-                    + f"</tr>{rows}</table>"
-                )
-        for warning in table.get("warnings", []):
-            parts.append(f'<p class="warn">{_esc(warning)}</p>')
-    return "\n".join(parts)
-
-
-def _provenance_html(record: dict[str, Any] | None) -> str:
-    from markupsafe import Markup
-
-    if not record:
-        return Markup("<p>Not recorded.</p>")
-    rows = [
-        ("cases", record.get("cases", "–")),
-        ("files", record.get("files", "–")),
-        ("combined sha256", record.get("combined_sha256", "–")),
-    ]
-    html = "<table>" + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows) + "</table>"
-    for column, counts in (record.get("groups") or {}).items():
-        html += f"<p>Cases per {_esc(column)}: " + ", ".join(f"{_esc(k)} {v}" for k, v in counts.items()) + "</p>"
-    labels = record.get("labels") or {}
-    if labels.get("task") == "segmentation":
-        html += (
-            "<table><tr><th>label</th><th>cases containing it</th><th>median volume (mL)</th><th>range (mL)</th></tr>"
-        )
-        for name, e in labels["per_label"].items():
-            span = "–" if not e["volume_ml_range"] else f"{e['volume_ml_range'][0]:.2f} – {e['volume_ml_range'][1]:.2f}"
-            html += (
-                f"<tr><td>{_esc(name)}</td><td>{e['cases_present']}</td>"
-                f"<td>{_esc(_pretty_value(e['volume_ml_median']))}</td><td>{span}</td></tr>"
-            )
-        html += "</table>"
-    elif labels.get("task") == "classification":
-        html += (
-            "<p>Cases per class: " + ", ".join(f"{_esc(k)} {v}" for k, v in labels["cases_per_class"].items()) + "</p>"
-        )
-    if record.get("sha256"):
-        html += f"<details><summary>sha256 of the {len(record['sha256'])} files</summary><pre>"
-        html += _esc("\n".join(record["sha256"])) + "</pre></details>"
-    return Markup(html)
+    env = Environment(
+        loader=FileSystemLoader(Path(__file__).with_name("templates")),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(pretty=_pretty_value, interval=_interval)
+    return env
 
 
 def write_report(
@@ -545,26 +371,20 @@ def write_report(
     """Writes ``model_card.json`` and ``report.html`` (one self-contained file: plots embedded)."""
     import base64
 
-    from jinja2 import Environment
-    from markupsafe import Markup
-
     from medtl.data.io import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     card = json_safe(card)
-    summary = card.get("metrics")
     html = (
-        Environment(autoescape=True)
-        .from_string(_TEMPLATE)
+        _templates()
+        .get_template("report.html.j2")
         .render(
             title=title,
             card=card,
             sections=SECTIONS,
             include_identifiers=bool(card["configuration"].get("card", {}).get("include_identifiers")),
-            provenance=_provenance_html,
-            metrics_html=Markup(_metrics_html(summary, metrics_rows or {})),
-            fairness_html=Markup(_fairness_html(card.get("fairness", []), (summary or {}).get("task"))),
+            metrics_rows=metrics_rows or {},
             figures=[(caption, base64.b64encode(data).decode()) for caption, data in (figures or {}).items()],
             configuration=json.dumps(card["configuration"], indent=2),
         )

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import synthetic_case, tiny_config
-from medtl.adaptation.adapt_package import statistics_pass
+from medtl.adaptation.adapt_package import statistics_pass, target_record
 from medtl.adaptation.batchnorm import adapt_batchnorm, batchnorm_layers
 from medtl.adaptation.dann import DomainAdversary, ramp, reverse_gradient
 from medtl.adaptation.dsbn import DomainBatchNorm, DomainBatchSampler, add_domain, convert_to_dsbn, use_domain
@@ -22,6 +22,7 @@ from medtl.events import EventSink
 from medtl.models.registry import build_model
 from medtl.package import load_package, save_package
 from medtl.pipeline import run_training
+from medtl.provenance import combined_sha256
 from medtl.train import fit
 
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -360,6 +361,17 @@ def test_dann_and_adabn_runs_record_the_method_and_the_hashed_target_data(tmp_pa
         assert manifest["domains"] == []
     with pytest.raises(ConfigError, match="adaptation.target_csv"):
         RunConfig.from_dict(tiny_config(data, tmp_path / "x", adaptation={"method": "dann"}))
+
+
+def test_the_target_record_hashes_its_images_the_way_provenance_does(tmp_path):
+    paths = []
+    for index, text in enumerate(["one", "two", "three"]):
+        paths.append(tmp_path / f"image{index}.nrrd")
+        paths[-1].write_text(text)
+    record = target_record(paths)
+    assert record["images"] == 3 and record["sha256"] == sorted(record["sha256"])
+    assert record["combined_sha256"] == combined_sha256(record["sha256"])
+    assert record["combined_sha256"] == combined_sha256(list(reversed(record["sha256"]))), "order must not matter"
 
 
 def test_adaptation_choices_that_cannot_work_are_config_errors(tmp_path):

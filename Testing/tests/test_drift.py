@@ -10,9 +10,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import synthetic_case, tiny_config
+from medtl.adaptation.dann import DomainAdversary
 from medtl.cli import main
 from medtl.config import RunConfig
-from medtl.drift import REFERENCE_FILE, compare_profiles, profile_images, reduce_reference
+from medtl.drift import (
+    REFERENCE_FILE,
+    _embedding,
+    _embedding_module,
+    compare_profiles,
+    profile_images,
+    reduce_reference,
+)
+from medtl.errors import DataError
 from medtl.models.registry import build_model
 
 
@@ -154,3 +163,45 @@ def test_fail_on_drift_exits_1_for_a_rescaled_copy_of_the_reference(tmp_path, ca
     args[args.index("--data") + 1] = str(tmp_path / "nan.csv")
     assert main(args) == 2
     assert "nan.nrrd: 1 NaN and 0 infinite voxel(s)" in capsys.readouterr().err
+
+
+def test_the_embedding_of_a_vit_is_its_last_stage_pooled_over_tokens_as_dann_pools_it():
+    """ViT stages give tokens (N, L, C): averaging each token over its channels would give an
+    embedding as long as the token count, blind to what the channels hold."""
+    cfg = RunConfig.from_dict(
+        {
+            "task": "classification_2d",
+            "data": {"label_names": ["normal", "lesion"]},
+            "model": {"name": "cls_vit_b_16", "pretrained": "none"},
+            "preprocessing": {"patch_size": [224, 224]},
+            "loss": "ce",
+        }
+    )
+    torch.manual_seed(0)
+    model = build_model("cls_vit_b_16", num_classes=2).eval()
+    image = np.random.default_rng(0).random((224, 224), dtype=np.float32)
+    embedding = torch.tensor(_embedding(model, _embedding_module(model), cfg, image, "cpu"))
+
+    adversary = DomainAdversary(model, torch.zeros(1, 1, 224, 224))
+    seen = []
+    adversary.classifier.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
+    with torch.no_grad(), adversary.capturing():
+        model(torch.from_numpy(image)[None, None])
+        adversary(1.0)
+    (classifier_input,) = seen  # every stage pooled, concatenated: the last stage comes last
+    assert embedding.shape == (model.core.hidden_dim,)
+    torch.testing.assert_close(embedding, classifier_input[0, -len(embedding) :], rtol=1e-5, atol=1e-6)
+
+
+def test_a_reference_of_other_embedding_width_asks_for_the_training_images():
+    """References stored before a ViT's tokens were pooled over the tokens hold one number per token."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(0, 1, (6, 1)).tolist()
+    reference = {"features": ["mean"], "values": values, "embedding": {"vectors": rng.normal(size=(6, 197)).tolist()}}
+    new = {"features": ["mean"], "values": values, "embedding": {"vectors": rng.normal(size=(6, 768)).tolist()}}
+    with pytest.raises(DataError, match="--reference train.csv"):
+        compare_profiles(reference, new)
+    reduced = reduce_reference({**reference, "embedding": {"vectors": rng.normal(size=(2100, 197)).tolist()}})
+    assert "components" in reduced["embedding"]
+    with pytest.raises(DataError, match="197 dimensions, these images give 768"):
+        compare_profiles(reduced, new)

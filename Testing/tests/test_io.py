@@ -70,6 +70,16 @@ def test_segmentation_file_keeps_names_values_and_geometry(tmp_path):
     assert back.GetMetaData("Segment0_LabelValue") == "1"
 
 
+def test_segment_names_beyond_ascii_survive_the_round_trip(tmp_path):
+    """Slicer writes segment names as UTF-8, and label names are the user's words (pynrrd, under
+    slicerio, refuses to write them and drops their letters when reading)."""
+    image, labels = synthetic_case(3)
+    segments = [(1, "Leber", (0.9, 0.5, 0.4)), (2, "Läsion é", (0.2, 0.9, 0.2))]
+    write_segmentation(sitk.GetArrayFromImage(labels), image, tmp_path / "u.seg.nrrd", segments)
+    assert read_segment_names(tmp_path / "u.seg.nrrd") == {1: "Leber", 2: "Läsion é"}
+    _same_geometry(image, read_image(tmp_path / "u.seg.nrrd"))
+
+
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "keep.txt"
     target.write_text("old")

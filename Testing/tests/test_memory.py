@@ -12,6 +12,7 @@ from medtl.events import EventSink
 from medtl.memory import MARGIN, estimate_training_memory, smaller_patch
 from medtl.models.registry import build_model
 from medtl.train import _memory_check, fit
+from medtl.training.backoff import center_crop
 
 
 def test_estimate_counts_weights_gradients_moments_and_saved_activations():
@@ -53,6 +54,14 @@ def test_smaller_patch_respects_the_network_divisor():
     assert smaller_patch([64, 96, 96], divisor=16) == [48, 64, 64]
     assert smaller_patch([32, 32], divisor=32) is None
     assert smaller_patch([64, 64, 64], divisor=16, min_size=64) is None
+
+
+def test_a_smaller_training_patch_is_the_centre_of_each_sample_as_a_plain_tensor():
+    batch = torch.arange(2 * 3 * 8 * 10, dtype=torch.float32).reshape(2, 3, 8, 10)
+    cropped = center_crop(batch, [4, 6])
+    assert type(cropped) is torch.Tensor, "the trainer's batches carry no MONAI metadata"
+    torch.testing.assert_close(cropped, batch[:, :, 2:6, 2:8])
+    assert center_crop(None, [4, 6]) is None
 
 
 def test_a_gpu_without_room_for_the_batch_starts_in_micro_batches(monkeypatch):

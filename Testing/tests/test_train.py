@@ -1,8 +1,11 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 from medtl.events import EventSink
 from medtl.train import fit, lr_factor
+from medtl.training.setup import warmup_cosine
 from test_strategies import _cfg, _items
 
 
@@ -29,6 +32,44 @@ def test_warmup_then_cosine():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[99] < 0.01
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+
+
+def _two_group_schedule(lrs, *, total, warmup):
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in lrs]
+    optimizer = torch.optim.AdamW(groups)
+    return optimizer, warmup_cosine(optimizer, total=total, warmup=warmup)
+
+
+def test_the_schedule_warms_up_then_decays_each_groups_own_learning_rate_and_resumes():
+    """Discriminative learning rates: the encoder's group keeps its tenth of the head's all along."""
+    head, encoder = 1e-3, 1e-4
+    optimizer, scheduler = _two_group_schedule([head, encoder], total=20, warmup=4)
+    seen = {}
+    for step in range(25):
+        seen[step] = [g["lr"] for g in optimizer.param_groups]
+        optimizer.step()
+        scheduler.step()
+        if step == 9:  # a checkpoint, as the trainer writes one
+            saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    expected = {
+        0: 0.25,  # the first step already trains: (0 + 1) / 4
+        3: 1.0,
+        4: 1.0,  # the cosine starts at the top
+        12: 0.5 * (1 + math.cos(math.pi * 8 / 16)),
+        19: 0.5 * (1 + math.cos(math.pi * 15 / 16)),
+        20: 0.0,
+        24: 0.0,  # past the end it stays at 0, never rises again
+    }
+    for step, factor in expected.items():
+        assert seen[step] == pytest.approx([head * factor, encoder * factor], abs=1e-12), step
+
+    optimizer, resumed = _two_group_schedule([head, encoder], total=20, warmup=4)
+    optimizer.load_state_dict(saved["optimizer"])
+    resumed.load_state_dict(saved["scheduler"])
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(seen[10], abs=1e-12)
+    optimizer.step()
+    resumed.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(seen[11], abs=1e-12)
 
 
 class _Stop(Exception):

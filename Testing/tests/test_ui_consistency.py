@@ -204,6 +204,19 @@ def python_files(folder: Path) -> list[str]:
     )
 
 
+def package_data_files(folder: Path) -> list[str]:
+    """Files other than Python inside the module's Python packages (templates the code loads)."""
+    packages = {path.parent for path in folder.rglob("__init__.py")}
+    return sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file()
+        and path.suffix not in (".py", ".pyc")
+        and "__pycache__" not in path.parts
+        and any(package in path.parents for package in packages)
+    )
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -244,6 +257,12 @@ def build_list_problems(module: ModuleSpec) -> list[str]:
         "(list it, or extend a glob), so Slicer would not install it"
         for path in python_files(module.folder)
         if path not in scripts
+    ]
+    problems += [
+        f"{module.name}: {path} is read by the code beside its modules but is not in MODULE_PYTHON_RESOURCES of "
+        f"{module.name}/CMakeLists.txt, so Slicer would not install it"
+        for path in package_data_files(module.folder)
+        if path not in resources
     ]
     problems += [
         f"{module.name}: resource {path} listed in {module.name}/CMakeLists.txt does not exist"

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from medtl.data.checks import read_checked_image
 from medtl.data.io import sha256_file
 from medtl.errors import DataError
 from medtl.events import EventSink
+from medtl.provenance import combined_sha256
 
 
 def target_images(paths: Sequence[str | Path], cfg: RunConfig) -> list[np.ndarray]:
@@ -75,7 +75,7 @@ def target_record(paths: Sequence[str | Path]) -> dict[str, Any]:
     return {
         "images": len(hashes),
         "sha256": hashes,
-        "combined_sha256": hashlib.sha256("".join(hashes).encode()).hexdigest(),
+        "combined_sha256": combined_sha256(hashes),
     }
 
 

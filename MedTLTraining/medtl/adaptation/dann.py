@@ -27,6 +27,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from medtl.models.registry import pool_stage_output, stage_output_module, stage_tensor
+
 
 class _ReverseGradient(torch.autograd.Function):
     @staticmethod
@@ -49,12 +51,6 @@ def ramp(progress: float, gamma: float = 10.0) -> float:
     return 2.0 / (1.0 + math.exp(-gamma * min(max(progress, 0.0), 1.0))) - 1.0
 
 
-def _pool(feature: torch.Tensor) -> torch.Tensor:
-    if feature.dim() == 3:  # transformer tokens (N, L, C)
-        return feature.mean(dim=1)
-    return feature.flatten(2).mean(dim=2)  # (N, C, *spatial)
-
-
 class DomainAdversary(nn.Module):
     """The domain classifier and the hooks that hand it the encoder's stage outputs.
 
@@ -71,8 +67,6 @@ class DomainAdversary(nn.Module):
             raise ValueError(f"'{model.name}' has no separate encoder for a domain classifier to read")
         self._captured: list[torch.Tensor] = []
         self._active = False
-        from medtl.models.registry import stage_output_module
-
         self._hooks = [stage_output_module(stage).register_forward_hook(self._capture) for stage in stages]
         was_training = model.training
         model.eval()
@@ -82,7 +76,7 @@ class DomainAdversary(nn.Module):
         features = self._take()
         if len(features) != len(stages):
             raise RuntimeError(f"only {len(features)} of {len(stages)} encoder stages of '{model.name}' were seen")
-        width = sum(_pool(f).shape[1] for f in features)
+        width = sum(pool_stage_output(f).shape[1] for f in features)
         self.classifier = nn.Sequential(
             nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(hidden, 2)
         )
@@ -91,9 +85,7 @@ class DomainAdversary(nn.Module):
     def _capture(self, _module: nn.Module, _inputs: Sequence[torch.Tensor], output) -> None:
         if not self._active:
             return
-        if isinstance(output, (tuple, list)):
-            output = output[0]
-        self._captured.append(output)
+        self._captured.append(stage_tensor(output))
 
     def _take(self) -> list[torch.Tensor]:
         features, self._captured = self._captured, []
@@ -113,7 +105,7 @@ class DomainAdversary(nn.Module):
     def forward(self, weight: float) -> torch.Tensor:
         """Domain logits (N, 2) for the batch the network has just processed; the gradient reaching
         the encoder is reversed and scaled by ``weight``."""
-        pooled = torch.cat([_pool(f.float()) for f in self._take()], dim=1)
+        pooled = torch.cat([pool_stage_output(f.float()) for f in self._take()], dim=1)
         return self.classifier(reverse_gradient(pooled, weight))
 
     def remove(self) -> None:

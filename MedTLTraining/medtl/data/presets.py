@@ -135,54 +135,61 @@ def training_transform(
     else:
         steps.append(SpatialPadd(keys=spatial_keys, spatial_size=patch_size, mode="constant", value=0))
     if level != "none":
-        rotate, scale, gamma, noise = _LEVELS[level]
-        steps.append(
-            RandAffined(
-                keys=spatial_keys,
-                prob=0.7,
-                rotate_range=(rotate,) if spatial_dims == 2 else (rotate, rotate, rotate),
-                scale_range=(scale,) * spatial_dims,
-                mode=interpolation,
-                padding_mode="zeros",
-            )
-        )
-        if level == "strong":
-            if spatial_dims == 2:
-                elastic = Rand2DElasticd(
-                    keys=spatial_keys,
-                    spacing=(16, 16),
-                    magnitude_range=(1, 3),
-                    prob=0.3,
-                    mode=interpolation,
-                    padding_mode="zeros",
-                )
-            else:
-                elastic = Rand3DElasticd(
-                    keys=spatial_keys,
-                    sigma_range=(5, 7),
-                    magnitude_range=(50, 150),
-                    prob=0.2,
-                    mode=interpolation,
-                    padding_mode="zeros",
-                )
-            steps.append(elastic)
-            # Axes of the channel-first array: the last is x (left-right), the one before y.
-            steps.append(RandFlipd(keys=spatial_keys, prob=0.5, spatial_axis=spatial_dims - 1))
-            steps.append(RandFlipd(keys=spatial_keys, prob=0.5, spatial_axis=spatial_dims - 2))
-        steps.append(RandAdjustContrastd(keys="image", prob=0.3, gamma=gamma))
-        if level == "strong":
-            steps.append(RandScaleIntensityd(keys="image", factors=0.2, prob=0.3))
-            steps.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=0.3))
-            steps.append(
-                RandGaussianSmoothd(keys="image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2)
-            )
-        if noise:
-            steps.append(RandGaussianNoised(keys="image", prob=0.3, std=noise))
-            steps.append(RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.1 if level == "strong" else 0.05)))
+        steps += _geometric_steps(level, spatial_keys, spatial_dims, interpolation)
+        steps += _intensity_steps(level)
     if not classification:
         steps += _patch_crop(spatial_keys, patch_size, class_ratios)
     # map_items=False: the last step gets the crop's list itself, not each of its items.
     return Compose(steps, map_items=False)
+
+
+def _geometric_steps(
+    level: str, keys: Sequence[str], spatial_dims: int, interpolation: Sequence[str]
+) -> list[Transform]:
+    """Rotation and scaling; ``strong`` adds elastic deformation and flips. Image and label alike."""
+    rotate, scale, _, _ = _LEVELS[level]
+    steps: list[Transform] = [
+        RandAffined(
+            keys=keys,
+            prob=0.7,
+            rotate_range=(rotate,) if spatial_dims == 2 else (rotate, rotate, rotate),
+            scale_range=(scale,) * spatial_dims,
+            mode=interpolation,
+            padding_mode="zeros",
+        )
+    ]
+    if level != "strong":
+        return steps
+    if spatial_dims == 2:
+        elastic = Rand2DElasticd(
+            keys=keys, spacing=(16, 16), magnitude_range=(1, 3), prob=0.3, mode=interpolation, padding_mode="zeros"
+        )
+    else:
+        elastic = Rand3DElasticd(
+            keys=keys, sigma_range=(5, 7), magnitude_range=(50, 150), prob=0.2, mode=interpolation, padding_mode="zeros"
+        )
+    steps.append(elastic)
+    # Axes of the channel-first array: the last is x (left-right), the one before y.
+    steps.append(RandFlipd(keys=keys, prob=0.5, spatial_axis=spatial_dims - 1))
+    steps.append(RandFlipd(keys=keys, prob=0.5, spatial_axis=spatial_dims - 2))
+    return steps
+
+
+def _intensity_steps(level: str) -> list[Transform]:
+    """Gamma; ``strong`` adds contrast, brightness and blur; ``standard`` and ``strong`` noise and
+    a bias field. The image only."""
+    _, _, gamma, noise = _LEVELS[level]
+    steps: list[Transform] = [RandAdjustContrastd(keys="image", prob=0.3, gamma=gamma)]
+    if level == "strong":
+        steps.append(RandScaleIntensityd(keys="image", factors=0.2, prob=0.3))
+        steps.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=0.3))
+        steps.append(
+            RandGaussianSmoothd(keys="image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2)
+        )
+    if noise:
+        steps.append(RandGaussianNoised(keys="image", prob=0.3, std=noise))
+        steps.append(RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.1 if level == "strong" else 0.05)))
+    return steps
 
 
 def _patch_crop(keys: Sequence[str], patch_size: Sequence[int], class_ratios: Sequence[float] | None) -> list:

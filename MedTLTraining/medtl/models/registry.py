@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +112,24 @@ def stage_output_module(stage: nn.Module) -> nn.Module:
     while (isinstance(stage, (nn.ModuleList, nn.Sequential)) or type(stage) is nn.Module) and any(stage.children()):
         stage = list(stage.children())[-1]
     return stage
+
+
+def stage_tensor(output: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """The feature tensor of a stage's output (some blocks return a tuple with extras after it)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def pool_stage_output(feature: torch.Tensor) -> torch.Tensor:
+    """One vector (N, C) per sample: the stage's features averaged over the image.
+
+    Transformer stages give tokens (N, L, C), averaged over the tokens; convolutional stages give
+    maps (N, C, *spatial), averaged over space; a vector (N, C) is already one.
+    """
+    if feature.dim() == 3:
+        return feature.mean(dim=1)
+    if feature.dim() == 2:
+        return feature
+    return feature.flatten(2).mean(dim=2)
 
 
 @dataclass(frozen=True)

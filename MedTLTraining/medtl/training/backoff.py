@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from monai.transforms import CenterSpatialCrop
 
 from medtl import distributed
 from medtl.config import RunConfig
@@ -17,6 +18,7 @@ from medtl.errors import MedTLError
 from medtl.events import EventSink
 from medtl.memory import available_memory, estimate_training_memory, gib, smaller_patch
 from medtl.models.registry import MODELS, TransferNet
+from medtl.training.data import without_metadata
 from medtl.training.handlers import Handler
 
 if TYPE_CHECKING:
@@ -149,9 +151,7 @@ def center_crop(tensor: torch.Tensor | None, size: Sequence[int]) -> torch.Tenso
     already placed the patch at random)."""
     if tensor is None:
         return None
-    spatial = tensor.shape[2:]
-    index = [slice(None), slice(None)]
-    for have, want in zip(spatial, size, strict=True):
-        start = max(0, (have - want) // 2)
-        index.append(slice(start, start + want))
-    return tensor[tuple(index)]
+    # MONAI crops one (C, *spatial) sample: the batch's samples and channels go through as channels.
+    with without_metadata():
+        cropped = CenterSpatialCrop(roi_size=list(size))(tensor.flatten(0, 1))
+    return cropped.unflatten(0, tensor.shape[:2])

@@ -39,6 +39,16 @@ def lr_factor(step: int, *, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, *, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Each parameter group's own learning rate times :func:`lr_factor`, stepped once per step.
+
+    Not MONAI's ``WarmupCosineSchedule``: its first step trains at learning rate 0 (the ramp starts
+    at ``0 / warmup``; a start fraction would end the ramp below 1), and past ``total`` its cosine
+    rises again where this one stays at 0.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total=total, warmup=warmup))
+
+
 class Setup:
     """Builds the parts of a training run; the arguments are the trainer's."""
 
@@ -115,10 +125,7 @@ class Setup:
                 {"name": "domain_classifier", "params": list(self.adversary.parameters()), "lr": cfg.optim.lr}
             )
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
-        total, warmup = self.total_steps, cfg.optim.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total=total, warmup=warmup)
-        )
+        self.scheduler = warmup_cosine(self.optimizer, total=self.total_steps, warmup=cfg.optim.warmup_steps)
 
     def build_loss(self, items: Sequence[dict]) -> None:
         """The loss (class weights from the labels for ``ce_weighted``), the loss step that applies
