@@ -222,9 +222,10 @@ def cross_validate(
     (default ``data.group_column``) keeps groups whole; ``resume`` skips finished folds and resumes
     an interrupted one; ``ensemble`` joins the fold packages into ``ensemble/``.
     """
+    from medtl.case_data import class_target
     from medtl.evaluate import evaluate_cases, summarise
     from medtl.package import load_package
-    from medtl.pipeline import class_target, run_training
+    from medtl.pipeline import run_training
     from medtl.train import resolve_device
 
     if not cfg.data.csv:

@@ -6,9 +6,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "ensemble", help="join model packages (backbones, CV folds) into one ensemble package"
-    )
+    p = subparsers.add_parser("ensemble", help="join model packages (backbones, CV folds) into one ensemble package")
     p.add_argument("--model", action="append", required=True, help="a member package (repeat, at least two)")
     p.add_argument("--out", required=True, help="the ensemble package (a new directory)")
     p.add_argument("--combine", choices=["mean", "vote"], default="mean", help="mean probability (default) or vote")
