@@ -26,10 +26,10 @@ from monai.networks.nets import resnet as monai_resnet
 from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
 from torch import nn
 
+from medtl.models.spec import ModelSpec, resnet_stages
+
 
 def _resnet(net: nn.Module) -> list[nn.Module]:
-    from medtl.models.registry import resnet_stages
-
     return resnet_stages(net)
 
 
@@ -147,8 +147,6 @@ TORCHVISION_CLASSIFIERS: dict[str, tuple[Callable[[nn.Module], list[nn.Module]],
 
 
 def register_classifiers(register: Callable) -> None:
-    from medtl.models.registry import ModelSpec
-
     for arch, (cut, min_size, exact) in TORCHVISION_CLASSIFIERS.items():
         register(
             ModelSpec(
