@@ -2,9 +2,10 @@
 
 A run directory holds ``config.json``, ``checkpoint.pt`` (resumable), ``events.jsonl``,
 ``metrics.json``, ``training.png`` and ``model/`` (the package). The steps live in their own
-modules: :mod:`medtl.case_data` (a CSV row as arrays), :mod:`medtl.splits` (the validation split),
-:mod:`medtl.scorers` (validation after every epoch), :mod:`medtl.run_domains` (domain adaptation)
-and :mod:`medtl.run_report` (the report); their public names are importable from here too.
+modules: :mod:`medtl.case_data` (a CSV row as arrays), :mod:`medtl.validation_split` (the
+held-out cases), :mod:`medtl.scorers` (validation after every epoch), :mod:`medtl.run_domains`
+(domain adaptation) and :mod:`medtl.run_report` (the report); their public names are importable
+from here too.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from medtl.run_domains import RunDomains, adabn_after_training, case_domains, ru
 from medtl.run_folder import check_resume
 from medtl.run_report import run_report
 from medtl.scorers import classification_scorer, validation_scorer  # noqa: F401
-from medtl.splits import split_cases
 from medtl.train import FitResult, fit, resolve_device
+from medtl.validation_split import split_cases
 
 
 def run_training(
