@@ -29,10 +29,6 @@ from torch import nn
 from medtl.models.spec import ModelSpec, resnet_stages
 
 
-def _resnet(net: nn.Module) -> list[nn.Module]:
-    return resnet_stages(net)
-
-
 def _densenet(net: nn.Module) -> list[nn.Module]:
     f = net.features
     return [
@@ -136,8 +132,8 @@ def _monai_resnet_3d(depth: int) -> Callable[[int, bool], nn.Module]:
 
 # arch -> (stage cutter, minimum input size, exact input size)
 TORCHVISION_CLASSIFIERS: dict[str, tuple[Callable[[nn.Module], list[nn.Module]], int, int | None]] = {
-    "resnet50": (_resnet, 32, None),
-    "resnet101": (_resnet, 32, None),
+    "resnet50": (resnet_stages, 32, None),
+    "resnet101": (resnet_stages, 32, None),
     "densenet121": (_densenet, 32, None),
     "inception_v3": (_inception_v3, 75, None),
     "efficientnet_b0": (_efficientnet, 32, None),
@@ -170,7 +166,7 @@ def register_classifiers(register: Callable) -> None:
                 spatial_dims=3,
                 imagenet=False,
                 build=_monai_resnet_3d(depth),
-                stages=_resnet,
+                stages=resnet_stages,
                 task="classification",
                 description=f"3D classifier: MONAI ResNet-{depth} (MedicalNet/Med3D weights from a file), new head",
                 adapter=False,
