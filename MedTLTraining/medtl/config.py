@@ -11,13 +11,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from medtl.config_json import build_dataclass, choices
+from medtl.config_json import build_dataclass, choices, field_error
+from medtl.config_model_checks import check_model
 from medtl.data.partial_labels import MAX_CLASSES, UNKNOWN
 from medtl.errors import ConfigError
 
@@ -320,32 +320,28 @@ class RunConfig:
             _check_training_options,
             _check_loss,
             _check_adaptation,
-            _check_model,
+            check_model,
         ):
             check(self)
-
-
-def _bad(name: str, msg: str) -> ConfigError:
-    return ConfigError(f"config field '{name}': {msg}")
 
 
 def _check_preprocessing(cfg: RunConfig) -> None:
     pre = cfg.preprocessing
     if len(pre.patch_size) != cfg.spatial_dims:
         needs = f"needs {cfg.spatial_dims} numbers for task {cfg.task}, got {pre.patch_size}"
-        raise _bad("preprocessing.patch_size", needs)
+        raise field_error("preprocessing.patch_size", needs)
     if any(s < 16 for s in pre.patch_size):
-        raise _bad("preprocessing.patch_size", "each size must be at least 16")
+        raise field_error("preprocessing.patch_size", "each size must be at least 16")
     if pre.window is not None and (len(pre.window) != 2 or pre.window[0] >= pre.window[1]):
-        raise _bad("preprocessing.window", "must be [low, high] with low < high")
+        raise field_error("preprocessing.window", "must be [low, high] with low < high")
 
 
 def _check_labels(cfg: RunConfig) -> None:
     """The label names, and the class ratios that need one number per label."""
     if not cfg.data.label_names:
-        raise _bad("data.label_names", "needs at least one label name")
+        raise field_error("data.label_names", "needs at least one label name")
     if not cfg.is_classification and len(cfg.data.label_names) > MAX_CLASSES:
-        raise _bad(
+        raise field_error(
             "data.label_names",
             f"at most {MAX_CLASSES} structures: label value {UNKNOWN} is reserved for unknown voxels",
         )
@@ -353,7 +349,7 @@ def _check_labels(cfg: RunConfig) -> None:
     if ratios is not None and (
         cfg.is_classification or len(ratios) != cfg.num_classes or min(ratios) < 0 or sum(ratios) <= 0
     ):
-        raise _bad(
+        raise field_error(
             "train.class_ratios",
             f"needs {cfg.num_classes} non-negative numbers (background, then each label), not all zero, "
             "for a segmentation task",
@@ -361,138 +357,83 @@ def _check_labels(cfg: RunConfig) -> None:
     seen: set[str] = set()
     for name in cfg.data.label_names:
         if not name.strip():
-            raise _bad("data.label_names", "a label name is empty")
+            raise field_error("data.label_names", "a label name is empty")
         if name in seen:
-            raise _bad("data.label_names", f"'{name}' appears twice; each label value needs its own name")
+            raise field_error("data.label_names", f"'{name}' appears twice; each label value needs its own name")
         seen.add(name)
 
 
 def _check_schedule(cfg: RunConfig) -> None:
     """The split, the epochs and the optimiser."""
     if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise _bad("data.val_fraction", "must be in [0, 1)")
+        raise field_error("data.val_fraction", "must be in [0, 1)")
     for name, value in (
         ("train.epochs", cfg.train.epochs),
         ("train.steps_per_epoch", cfg.train.steps_per_epoch),
         ("train.batch_size", cfg.train.batch_size),
     ):
         if value < 1:
-            raise _bad(name, f"must be at least 1, got {value}")
+            raise field_error(name, f"must be at least 1, got {value}")
     if cfg.optim.lr <= 0:
-        raise _bad("optim.lr", "must be positive")
+        raise field_error("optim.lr", "must be positive")
 
 
 def _check_strategy(cfg: RunConfig) -> None:
     strategy = cfg.strategy
     if not 0 < strategy.encoder_lr_factor <= 1:
-        raise _bad("strategy.encoder_lr_factor", "must be in (0, 1]")
+        raise field_error("strategy.encoder_lr_factor", "must be in (0, 1]")
     if strategy.feature_extraction_epochs < 0:
-        raise _bad("strategy.feature_extraction_epochs", "must not be negative")
+        raise field_error("strategy.feature_extraction_epochs", "must not be negative")
     if strategy.unfreeze_every < 1:
-        raise _bad("strategy.unfreeze_every", "must be at least 1")
+        raise field_error("strategy.unfreeze_every", "must be at least 1")
     if strategy.plateau_patience < 1:
-        raise _bad("strategy.plateau_patience", "must be at least 1")
+        raise field_error("strategy.plateau_patience", "must be at least 1")
     if not 0 < strategy.lr_decay <= 1:
-        raise _bad("strategy.lr_decay", "must be in (0, 1]")
+        raise field_error("strategy.lr_decay", "must be in (0, 1]")
 
 
 def _check_training_options(cfg: RunConfig) -> None:
     """Workers, early stopping, resampling and 2.5D context."""
     if cfg.train.num_workers is not None and cfg.train.num_workers < 0:
-        raise _bad("train.num_workers", "must not be negative (null: automatic)")
+        raise field_error("train.num_workers", "must not be negative (null: automatic)")
     if cfg.train.early_stopping_patience < 0:
-        raise _bad("train.early_stopping_patience", "must not be negative (0 turns early stopping off)")
+        raise field_error("train.early_stopping_patience", "must not be negative (0 turns early stopping off)")
     spacing = cfg.preprocessing.spacing
     if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
-        raise _bad("preprocessing.spacing", "must be three positive numbers (z, y, x) in mm, or null")
+        raise field_error("preprocessing.spacing", "must be three positive numbers (z, y, x) in mm, or null")
     if cfg.preprocessing.context_slices not in (0, 1):
-        raise _bad("preprocessing.context_slices", "must be 0 (2D) or 1 (2.5D: a slice and its two neighbours)")
+        raise field_error("preprocessing.context_slices", "must be 0 (2D) or 1 (2.5D: a slice and its two neighbours)")
 
 
 def _check_loss(cfg: RunConfig) -> None:
     """The loss against the task, and multi-label classification's needs."""
     losses = CLASSIFICATION_LOSSES if cfg.is_classification else SEGMENTATION_LOSSES
     if cfg.loss not in losses:
-        raise _bad("loss", f"'{cfg.loss}' does not apply to {cfg.task}; use one of {choices(losses)}")
+        raise field_error("loss", f"'{cfg.loss}' does not apply to {cfg.task}; use one of {choices(losses)}")
     if cfg.is_classification and not cfg.data.multi_label and len(cfg.data.label_names) < 2:
-        raise _bad("data.label_names", "a classifier needs at least two classes (or data.multi_label)")
+        raise field_error("data.label_names", "a classifier needs at least two classes (or data.multi_label)")
     if cfg.data.multi_label and not cfg.is_classification:
-        raise _bad("data.multi_label", "applies to classification tasks only")
+        raise field_error("data.multi_label", "applies to classification tasks only")
     if cfg.loss == "bce" and not cfg.data.multi_label:
-        raise _bad("loss", "'bce' is for multi-label classification (data.multi_label); 'ce' for one class")
+        raise field_error("loss", "'bce' is for multi-label classification (data.multi_label); 'ce' for one class")
     if cfg.data.multi_label and cfg.loss not in ("bce", "focal"):
-        raise _bad("loss", "multi-label classification needs independent sigmoid outputs: 'bce' or 'focal'")
+        raise field_error("loss", "multi-label classification needs independent sigmoid outputs: 'bce' or 'focal'")
 
 
 def _check_adaptation(cfg: RunConfig) -> None:
     adaptation = cfg.adaptation
     if adaptation.method in ("adabn", "dann") and not adaptation.target_csv:
-        raise _bad("adaptation.target_csv", f"'{adaptation.method}' needs a CSV of unlabelled target-domain images")
+        raise field_error(
+            "adaptation.target_csv", f"'{adaptation.method}' needs a CSV of unlabelled target-domain images"
+        )
     if adaptation.method == "dsbn":
         if not adaptation.domain_column:
-            raise _bad("adaptation.domain_column", "'dsbn' needs the CSV column that names each case's domain")
+            raise field_error("adaptation.domain_column", "'dsbn' needs the CSV column that names each case's domain")
         if adaptation.domain_column == cfg.data.group_column:
-            raise _bad(
+            raise field_error(
                 "adaptation.domain_column",
                 "holding out whole domains for validation (data.group_column) would leave their BatchNorm "
                 "untrained; group the split by another column (e.g. patient)",
             )
     if adaptation.dann_weight < 0 or adaptation.dann_gamma <= 0:
-        raise _bad("adaptation.dann_weight", "dann_weight must not be negative and dann_gamma must be positive")
-
-
-def _check_model(cfg: RunConfig) -> None:
-    """The network against the task, and what the rest of the config asks of it."""
-    # Imported here: the registry imports torch and MONAI, which reading a config does not need.
-    from medtl.models.registry import MODELS
-
-    if cfg.model.name not in MODELS:
-        close = difflib.get_close_matches(cfg.model.name, list(MODELS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise _bad("model.name", f"'{cfg.model.name}' is unknown{hint}; one of {choices(sorted(MODELS))}")
-    spec = MODELS[cfg.model.name]
-    if spec.spatial_dims != cfg.spatial_dims or spec.task != cfg.task.rsplit("_", 1)[0]:
-        raise _bad(
-            "model.name",
-            f"'{cfg.model.name}' is a {spec.spatial_dims}D {spec.task} network but task is {cfg.task}",
-        )
-    _check_model_input(cfg, spec)
-    _check_model_training(cfg, spec)
-
-
-def _check_model_input(cfg: RunConfig, spec) -> None:
-    """The input the network takes: 2.5D channels and the patch size."""
-    patch_size = cfg.preprocessing.patch_size
-    if cfg.preprocessing.context_slices and (cfg.task != "segmentation_2d" or not spec.adapter):
-        raise _bad("preprocessing.context_slices", "2.5D input needs a 2D segmentation network on an ImageNet encoder")
-    if any(size % spec.divisor for size in patch_size):
-        raise _bad(
-            "preprocessing.patch_size",
-            f"{patch_size}: each size must be a multiple of {spec.divisor} for {cfg.model.name}",
-        )
-    if spec.exact_size is not None and any(s != spec.exact_size for s in patch_size):
-        raise _bad("preprocessing.patch_size", f"{cfg.model.name} takes {spec.exact_size} pixels a side only")
-    if any(size < spec.min_size for size in patch_size):
-        raise _bad("preprocessing.patch_size", f"{cfg.model.name} needs at least {spec.min_size} pixels a side")
-
-
-def _check_model_training(cfg: RunConfig, spec) -> None:
-    """The strategy, the adaptation and the pretrained weights against the network's parts."""
-    method = cfg.adaptation.method
-    if not spec.has_encoder and cfg.strategy.name != "full_finetune":
-        raise _bad(
-            "strategy.name", f"'{cfg.model.name}' has no separate pretrained encoder; only 'full_finetune' applies"
-        )
-    if method == "dann" and not spec.has_encoder:
-        raise _bad("adaptation.method", f"'dann' reads the encoder's features; '{cfg.model.name}' has no encoder")
-    if method == "dann" and cfg.strategy.name == "feature_extraction":
-        raise _bad(
-            "adaptation.method",
-            "'dann' changes the encoder, which 'feature_extraction' keeps frozen: choose another strategy",
-        )
-    if method in ("adabn", "dsbn") and not spec.batchnorm:
-        raise _bad(
-            "adaptation.method", f"'{method}' works on BatchNorm layers; '{cfg.model.name}' has none (use 'dann')"
-        )
-    if cfg.model.pretrained == "imagenet" and not spec.imagenet:
-        raise _bad("model.pretrained", f"'{cfg.model.name}' has no ImageNet weights; use 'none' or a local weight file")
+        raise field_error("adaptation.dann_weight", "dann_weight must not be negative and dann_gamma must be positive")

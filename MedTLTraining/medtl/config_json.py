@@ -13,6 +13,11 @@ from typing import Any, Literal
 from medtl.errors import ConfigError
 
 
+def field_error(name: str, msg: str) -> ConfigError:
+    """The error for a bad value of config field ``name`` (a dotted path such as ``train.epochs``)."""
+    return ConfigError(f"config field '{name}': {msg}")
+
+
 def choices(values: typing.Iterable[Any]) -> str:
     return ", ".join(repr(v) for v in values)
 
