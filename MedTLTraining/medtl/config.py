@@ -11,15 +11,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medtl.config_json import build_dataclass, choices, field_error
+from medtl.config_model_checks import check_model
 from medtl.data.partial_labels import MAX_CLASSES, UNKNOWN
 from medtl.errors import ConfigError
 
@@ -254,7 +252,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        cfg = _build(cls, data, "")
+        cfg = build_dataclass(cls, data)
         cfg.validate()
         return cfg
 
@@ -313,205 +311,129 @@ class RunConfig:
         return 3 if self.preprocessing.context_slices else 1
 
     def validate(self) -> None:
-        def bad(name: str, msg: str) -> ConfigError:
-            return ConfigError(f"config field '{name}': {msg}")
-
-        if len(self.preprocessing.patch_size) != self.spatial_dims:
-            raise bad(
-                "preprocessing.patch_size",
-                f"needs {self.spatial_dims} numbers for task {self.task}, got {self.preprocessing.patch_size}",
-            )
-        if any(s < 16 for s in self.preprocessing.patch_size):
-            raise bad("preprocessing.patch_size", "each size must be at least 16")
-        if self.preprocessing.window is not None and (
-            len(self.preprocessing.window) != 2 or self.preprocessing.window[0] >= self.preprocessing.window[1]
+        """Raises :class:`ConfigError` naming the first bad field; the checks go section by section."""
+        for check in (
+            _check_preprocessing,
+            _check_labels,
+            _check_schedule,
+            _check_strategy,
+            _check_training_options,
+            _check_loss,
+            _check_adaptation,
+            check_model,
         ):
-            raise bad("preprocessing.window", "must be [low, high] with low < high")
-        if not self.data.label_names:
-            raise bad("data.label_names", "needs at least one label name")
-        if not self.is_classification and len(self.data.label_names) > MAX_CLASSES:
-            raise bad(
-                "data.label_names",
-                f"at most {MAX_CLASSES} structures: label value {UNKNOWN} is reserved for unknown voxels",
-            )
-        ratios = self.train.class_ratios
-        if ratios is not None and (
-            self.is_classification or len(ratios) != self.num_classes or min(ratios) < 0 or sum(ratios) <= 0
-        ):
-            raise bad(
-                "train.class_ratios",
-                f"needs {self.num_classes} non-negative numbers (background, then each label), not all zero, "
-                "for a segmentation task",
-            )
-        seen: set[str] = set()
-        for name in self.data.label_names:
-            if not name.strip():
-                raise bad("data.label_names", "a label name is empty")
-            if name in seen:
-                raise bad("data.label_names", f"'{name}' appears twice; each label value needs its own name")
-            seen.add(name)
-        if not 0.0 <= self.data.val_fraction < 1.0:
-            raise bad("data.val_fraction", "must be in [0, 1)")
-        for name, value in (
-            ("train.epochs", self.train.epochs),
-            ("train.steps_per_epoch", self.train.steps_per_epoch),
-            ("train.batch_size", self.train.batch_size),
-        ):
-            if value < 1:
-                raise bad(name, f"must be at least 1, got {value}")
-        if self.optim.lr <= 0:
-            raise bad("optim.lr", "must be positive")
-        if not 0 < self.strategy.encoder_lr_factor <= 1:
-            raise bad("strategy.encoder_lr_factor", "must be in (0, 1]")
-        if self.strategy.feature_extraction_epochs < 0:
-            raise bad("strategy.feature_extraction_epochs", "must not be negative")
-        if self.strategy.unfreeze_every < 1:
-            raise bad("strategy.unfreeze_every", "must be at least 1")
-        if self.strategy.plateau_patience < 1:
-            raise bad("strategy.plateau_patience", "must be at least 1")
-        if not 0 < self.strategy.lr_decay <= 1:
-            raise bad("strategy.lr_decay", "must be in (0, 1]")
-        if self.train.num_workers is not None and self.train.num_workers < 0:
-            raise bad("train.num_workers", "must not be negative (null: automatic)")
-        if self.train.early_stopping_patience < 0:
-            raise bad("train.early_stopping_patience", "must not be negative (0 turns early stopping off)")
-        if self.preprocessing.spacing is not None and (
-            len(self.preprocessing.spacing) != 3 or min(self.preprocessing.spacing) <= 0
-        ):
-            raise bad("preprocessing.spacing", "must be three positive numbers (z, y, x) in mm, or null")
-        if self.preprocessing.context_slices not in (0, 1):
-            raise bad("preprocessing.context_slices", "must be 0 (2D) or 1 (2.5D: a slice and its two neighbours)")
-        losses = CLASSIFICATION_LOSSES if self.is_classification else SEGMENTATION_LOSSES
-        if self.loss not in losses:
-            raise bad("loss", f"'{self.loss}' does not apply to {self.task}; use one of {_choices(losses)}")
-        if self.is_classification and not self.data.multi_label and len(self.data.label_names) < 2:
-            raise bad("data.label_names", "a classifier needs at least two classes (or data.multi_label)")
-        if self.data.multi_label and not self.is_classification:
-            raise bad("data.multi_label", "applies to classification tasks only")
-        if self.loss == "bce" and not self.data.multi_label:
-            raise bad("loss", "'bce' is for multi-label classification (data.multi_label); 'ce' for one class")
-        if self.data.multi_label and self.loss not in ("bce", "focal"):
-            raise bad("loss", "multi-label classification needs independent sigmoid outputs: 'bce' or 'focal'")
-        adaptation = self.adaptation
-        if adaptation.method in ("adabn", "dann") and not adaptation.target_csv:
-            raise bad("adaptation.target_csv", f"'{adaptation.method}' needs a CSV of unlabelled target-domain images")
-        if adaptation.method == "dsbn":
-            if not adaptation.domain_column:
-                raise bad("adaptation.domain_column", "'dsbn' needs the CSV column that names each case's domain")
-            if adaptation.domain_column == self.data.group_column:
-                raise bad(
-                    "adaptation.domain_column",
-                    "holding out whole domains for validation (data.group_column) would leave their BatchNorm "
-                    "untrained; group the split by another column (e.g. patient)",
-                )
-        if adaptation.dann_weight < 0 or adaptation.dann_gamma <= 0:
-            raise bad("adaptation.dann_weight", "dann_weight must not be negative and dann_gamma must be positive")
-        from medtl.models.registry import MODELS
-
-        if self.model.name not in MODELS:
-            close = difflib.get_close_matches(self.model.name, list(MODELS), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise bad("model.name", f"'{self.model.name}' is unknown{hint}; one of {_choices(sorted(MODELS))}")
-        spec = MODELS[self.model.name]
-        if spec.spatial_dims != self.spatial_dims or spec.task != self.task.rsplit("_", 1)[0]:
-            raise bad(
-                "model.name",
-                f"'{self.model.name}' is a {spec.spatial_dims}D {spec.task} network but task is {self.task}",
-            )
-        if self.preprocessing.context_slices and (self.task != "segmentation_2d" or not spec.adapter):
-            raise bad(
-                "preprocessing.context_slices", "2.5D input needs a 2D segmentation network on an ImageNet encoder"
-            )
-        if any(size % spec.divisor for size in self.preprocessing.patch_size):
-            raise bad(
-                "preprocessing.patch_size",
-                f"{self.preprocessing.patch_size}: each size must be a multiple of {spec.divisor} "
-                f"for {self.model.name}",
-            )
-        if spec.exact_size is not None and any(s != spec.exact_size for s in self.preprocessing.patch_size):
-            raise bad("preprocessing.patch_size", f"{self.model.name} takes {spec.exact_size} pixels a side only")
-        if any(size < spec.min_size for size in self.preprocessing.patch_size):
-            raise bad("preprocessing.patch_size", f"{self.model.name} needs at least {spec.min_size} pixels a side")
-        if not spec.has_encoder and self.strategy.name != "full_finetune":
-            raise bad(
-                "strategy.name",
-                f"'{self.model.name}' has no separate pretrained encoder; only 'full_finetune' applies",
-            )
-        if adaptation.method == "dann" and not spec.has_encoder:
-            raise bad("adaptation.method", f"'dann' reads the encoder's features; '{self.model.name}' has no encoder")
-        if adaptation.method == "dann" and self.strategy.name == "feature_extraction":
-            raise bad(
-                "adaptation.method",
-                "'dann' changes the encoder, which 'feature_extraction' keeps frozen: choose another strategy",
-            )
-        if adaptation.method in ("adabn", "dsbn") and not spec.batchnorm:
-            raise bad(
-                "adaptation.method",
-                f"'{adaptation.method}' works on BatchNorm layers; '{self.model.name}' has none (use 'dann')",
-            )
-        if self.model.pretrained == "imagenet" and not spec.imagenet:
-            raise bad(
-                "model.pretrained",
-                f"'{self.model.name}' has no ImageNet weights; use 'none' or a local weight file",
-            )
+            check(self)
 
 
-def _choices(values: typing.Iterable[Any]) -> str:
-    return ", ".join(repr(v) for v in values)
+def _check_preprocessing(cfg: RunConfig) -> None:
+    pre = cfg.preprocessing
+    if len(pre.patch_size) != cfg.spatial_dims:
+        needs = f"needs {cfg.spatial_dims} numbers for task {cfg.task}, got {pre.patch_size}"
+        raise field_error("preprocessing.patch_size", needs)
+    if any(s < 16 for s in pre.patch_size):
+        raise field_error("preprocessing.patch_size", "each size must be at least 16")
+    if pre.window is not None and (len(pre.window) != 2 or pre.window[0] >= pre.window[1]):
+        raise field_error("preprocessing.window", "must be [low, high] with low < high")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config field '{prefix or '<root>'}': expected an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"config field '{where}' is unknown{hint}; allowed fields: {_choices(names)}")
-        kwargs[key] = _coerce(hints[key], value, where)
-    return cls(**kwargs)
+def _check_labels(cfg: RunConfig) -> None:
+    """The label names, and the class ratios that need one number per label."""
+    if not cfg.data.label_names:
+        raise field_error("data.label_names", "needs at least one label name")
+    if not cfg.is_classification and len(cfg.data.label_names) > MAX_CLASSES:
+        raise field_error(
+            "data.label_names",
+            f"at most {MAX_CLASSES} structures: label value {UNKNOWN} is reserved for unknown voxels",
+        )
+    ratios = cfg.train.class_ratios
+    if ratios is not None and (
+        cfg.is_classification or len(ratios) != cfg.num_classes or min(ratios) < 0 or sum(ratios) <= 0
+    ):
+        raise field_error(
+            "train.class_ratios",
+            f"needs {cfg.num_classes} non-negative numbers (background, then each label), not all zero, "
+            "for a segmentation task",
+        )
+    seen: set[str] = set()
+    for name in cfg.data.label_names:
+        if not name.strip():
+            raise field_error("data.label_names", "a label name is empty")
+        if name in seen:
+            raise field_error("data.label_names", f"'{name}' appears twice; each label value needs its own name")
+        seen.add(name)
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where + ".")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"config field '{where}': {value!r} is not one of {_choices(allowed)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(args[0], value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config field '{where}': expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config field '{where}': expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config field '{where}': expected a whole number, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config field '{where}': expected a number, got {value!r}")
-        # Python's JSON reader accepts NaN and Infinity; either would train a NaN network.
-        if not math.isfinite(value):
-            raise ConfigError(f"config field '{where}': {value!r} is not a finite number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config field '{where}': expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp} at {where}")
+def _check_schedule(cfg: RunConfig) -> None:
+    """The split, the epochs and the optimiser."""
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise field_error("data.val_fraction", "must be in [0, 1)")
+    for name, value in (
+        ("train.epochs", cfg.train.epochs),
+        ("train.steps_per_epoch", cfg.train.steps_per_epoch),
+        ("train.batch_size", cfg.train.batch_size),
+    ):
+        if value < 1:
+            raise field_error(name, f"must be at least 1, got {value}")
+    if cfg.optim.lr <= 0:
+        raise field_error("optim.lr", "must be positive")
+
+
+def _check_strategy(cfg: RunConfig) -> None:
+    strategy = cfg.strategy
+    if not 0 < strategy.encoder_lr_factor <= 1:
+        raise field_error("strategy.encoder_lr_factor", "must be in (0, 1]")
+    if strategy.feature_extraction_epochs < 0:
+        raise field_error("strategy.feature_extraction_epochs", "must not be negative")
+    if strategy.unfreeze_every < 1:
+        raise field_error("strategy.unfreeze_every", "must be at least 1")
+    if strategy.plateau_patience < 1:
+        raise field_error("strategy.plateau_patience", "must be at least 1")
+    if not 0 < strategy.lr_decay <= 1:
+        raise field_error("strategy.lr_decay", "must be in (0, 1]")
+
+
+def _check_training_options(cfg: RunConfig) -> None:
+    """Workers, early stopping, resampling and 2.5D context."""
+    if cfg.train.num_workers is not None and cfg.train.num_workers < 0:
+        raise field_error("train.num_workers", "must not be negative (null: automatic)")
+    if cfg.train.early_stopping_patience < 0:
+        raise field_error("train.early_stopping_patience", "must not be negative (0 turns early stopping off)")
+    spacing = cfg.preprocessing.spacing
+    if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
+        raise field_error("preprocessing.spacing", "must be three positive numbers (z, y, x) in mm, or null")
+    if cfg.preprocessing.context_slices not in (0, 1):
+        raise field_error("preprocessing.context_slices", "must be 0 (2D) or 1 (2.5D: a slice and its two neighbours)")
+
+
+def _check_loss(cfg: RunConfig) -> None:
+    """The loss against the task, and multi-label classification's needs."""
+    losses = CLASSIFICATION_LOSSES if cfg.is_classification else SEGMENTATION_LOSSES
+    if cfg.loss not in losses:
+        raise field_error("loss", f"'{cfg.loss}' does not apply to {cfg.task}; use one of {choices(losses)}")
+    if cfg.is_classification and not cfg.data.multi_label and len(cfg.data.label_names) < 2:
+        raise field_error("data.label_names", "a classifier needs at least two classes (or data.multi_label)")
+    if cfg.data.multi_label and not cfg.is_classification:
+        raise field_error("data.multi_label", "applies to classification tasks only")
+    if cfg.loss == "bce" and not cfg.data.multi_label:
+        raise field_error("loss", "'bce' is for multi-label classification (data.multi_label); 'ce' for one class")
+    if cfg.data.multi_label and cfg.loss not in ("bce", "focal"):
+        raise field_error("loss", "multi-label classification needs independent sigmoid outputs: 'bce' or 'focal'")
+
+
+def _check_adaptation(cfg: RunConfig) -> None:
+    adaptation = cfg.adaptation
+    if adaptation.method in ("adabn", "dann") and not adaptation.target_csv:
+        raise field_error(
+            "adaptation.target_csv", f"'{adaptation.method}' needs a CSV of unlabelled target-domain images"
+        )
+    if adaptation.method == "dsbn":
+        if not adaptation.domain_column:
+            raise field_error("adaptation.domain_column", "'dsbn' needs the CSV column that names each case's domain")
+        if adaptation.domain_column == cfg.data.group_column:
+            raise field_error(
+                "adaptation.domain_column",
+                "holding out whole domains for validation (data.group_column) would leave their BatchNorm "
+                "untrained; group the split by another column (e.g. patient)",
+            )
+    if adaptation.dann_weight < 0 or adaptation.dann_gamma <= 0:
+        raise field_error("adaptation.dann_weight", "dann_weight must not be negative and dann_gamma must be positive")

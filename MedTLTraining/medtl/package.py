@@ -38,10 +38,9 @@ from medtl.data.geometry import SLICE_AXES, from_canonical, to_canonical
 from medtl.data.io import array_like, replace_directory, resample_like, resample_to_spacing, sha256_file
 from medtl.data.presets import intensity_transform
 from medtl.errors import DataError, WeightsError
+from medtl.manifest import MANIFEST, WEIGHTS, read_manifest  # noqa: F401 - medtl.package's names for them
 from medtl.models.registry import TransferNet, build_model
 
-MANIFEST = "medtl_package.json"
-WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2
 # Format 2: images are reoriented to one canonical orientation before the network sees them.
 # A format-1 package was trained on arrays in each file's stored axis order and is run that way.
@@ -205,17 +204,6 @@ def save_package(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise DataError(f"{path}: not a MedTL model package (no {MANIFEST})")
-    try:
-        return json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{manifest_path}: not valid JSON (line {err.lineno})") from None
 
 
 def load_package(path: str | Path) -> ModelPackage:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -222,9 +223,7 @@ def cross_validate(
     (default ``data.group_column``) keeps groups whole; ``resume`` skips finished folds and resumes
     an interrupted one; ``ensemble`` joins the fold packages into ``ensemble/``.
     """
-    from medtl.evaluate import evaluate_cases, summarise
-    from medtl.package import load_package
-    from medtl.pipeline import class_target, run_training
+    from medtl.evaluate import summarise
     from medtl.train import resolve_device
 
     if not cfg.data.csv:
@@ -233,67 +232,22 @@ def cross_validate(
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = load_cases(cfg.data.csv, label_files=not cfg.is_classification)
-    _check_columns(cases, list(group_by) + ([group_column] if group_column else []), cfg.data.csv)
-    stratify = None
-    if cfg.is_classification and not cfg.data.multi_label:
-        stratify = [int(class_target(c, cfg)[0]) for c in cases]
-    splits = fold_splits(cases, folds=folds, group_column=group_column, stratify=stratify, seed=cfg.train.seed)
-    plan = {"folds": folds, "group_column": group_column, "test_rows": [[cases[i].row for i in t] for _, t in splits]}
-    plan_file = out_dir / "folds.json"
-    if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != plan:
-        raise DataError(f"{plan_file}: this folder holds a cross-validation with other folds; use a new output_dir")
-    if plan_file.is_file() and not resume:
-        # The same folds again would retrain and overwrite every fold's model without a word.
-        raise DataError(
-            f"{plan_file}: this folder holds a cross-validation already; continue it with --resume, "
-            "or use a new output_dir"
-        )
-    _write_json(plan_file, plan)
+    splits = _fold_plan(cfg, cases, folds, group_column, group_by, out_dir / "folds.json", resume=resume)
     device = resolve_device(cfg.train.device, events)
     all_records: list[dict[str, Any]] = []
     all_cases: list[Case] = []
     per_fold = []
-    packages = []
     for k, (train_idx, test_idx) in enumerate(splits):
-        fold_dir = out_dir / f"fold_{k}"
-        fold_cases = [cases[i] for i in test_idx]
-        done_file = fold_dir / "fold_evaluation.json"
         events.emit("message", message=f"fold {k + 1}/{folds}: {len(train_idx)} training, {len(test_idx)} test cases")
-        if not (resume and done_file.is_file()):
-            fold_cfg = copy.deepcopy(cfg)
-            fold_cfg.output_dir = str(fold_dir)
-            run_training(fold_cfg, events=events, resume=resume, cases=[cases[i] for i in train_idx])
-            package = load_package(fold_dir / "model")
-            domain_column = cfg.adaptation.domain_column if package.domains else None
-            records = evaluate_cases(
-                package,
-                fold_cases,
-                group_by=group_by,
-                domain_column=domain_column,
-                tolerance_mm=tolerance_mm,
-                device=device,
-                events=events,
-                fold=k,
-            )
-            # The fold's own report: its model on the cases it never saw.
-            _card_and_report(
-                fold_dir / "test",
-                kind="evaluation",
-                manifest=package.manifest,
-                records=records,
-                summary=summarise(records, cfg, group_by=(), n_resamples=n_resamples),
-                cases=fold_cases,
-                cfg=cfg,
-                title=f"MedTL cross-validation fold {k}: {cfg.model.name} on its {len(fold_cases)} test case(s)",
-                limitations=[f"One fold of {folds}: {len(fold_cases)} test case(s); see the pooled report."],
-            )
-            _write_json(done_file, {"records": records})
-        records = json.loads(done_file.read_text(encoding="utf-8"))["records"]
+        fold_cases = [cases[i] for i in test_idx]
+        train_cases = [cases[i] for i in train_idx]
+        fold = _Fold(k, folds, out_dir / f"fold_{k}", group_by, n_resamples, tolerance_mm)
+        records = _fold_records(fold, cfg, train_cases, fold_cases, device=device, events=events, resume=resume)
         summary = summarise(records, cfg, group_by=(), n_resamples=n_resamples)
         per_fold.append({"fold": k, "test_cases": len(records), "summary": summary})
         all_records += records
         all_cases += fold_cases
-        packages.append(fold_dir / "model")
+    packages = [out_dir / f"fold_{k}" / "model" for k in range(len(splits))]
     pooled = summarise(all_records, cfg, group_by=group_by, n_resamples=n_resamples)
     result: dict[str, Any] = {
         "folds": folds,
@@ -307,7 +261,113 @@ def cross_validate(
 
         result["ensemble"] = str(save_ensemble(out_dir / "ensemble", packages, combine="mean"))
     _write_json(out_dir / EVALUATION, result)
-    manifest = load_package(packages[0]).manifest
+    html = _pooled_report(out_dir, cfg, cases, all_cases, all_records, result, packages[0])
+    events.emit("done", out_dir=str(out_dir), report=str(html), summary=_headline(pooled))
+    return result
+
+
+def _fold_plan(
+    cfg: RunConfig,
+    cases: list[Case],
+    folds: int,
+    group_column: str,
+    group_by: Sequence[str],
+    plan_file: Path,
+    *,
+    resume: bool,
+) -> list[tuple[list[int], list[int]]]:
+    """The folds' (training, test) indices, written to ``plan_file``; a folder holding other folds,
+    or the same folds without ``resume``, is refused."""
+    from medtl.case_data import class_target
+
+    _check_columns(cases, list(group_by) + ([group_column] if group_column else []), cfg.data.csv)
+    stratify = None
+    if cfg.is_classification and not cfg.data.multi_label:
+        stratify = [int(class_target(c, cfg)[0]) for c in cases]
+    splits = fold_splits(cases, folds=folds, group_column=group_column, stratify=stratify, seed=cfg.train.seed)
+    plan = {"folds": folds, "group_column": group_column, "test_rows": [[cases[i].row for i in t] for _, t in splits]}
+    if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != plan:
+        raise DataError(f"{plan_file}: this folder holds a cross-validation with other folds; use a new output_dir")
+    if plan_file.is_file() and not resume:
+        # The same folds again would retrain and overwrite every fold's model without a word.
+        raise DataError(
+            f"{plan_file}: this folder holds a cross-validation already; continue it with --resume, "
+            "or use a new output_dir"
+        )
+    _write_json(plan_file, plan)
+    return splits
+
+
+@dataclass
+class _Fold:
+    """Fold ``index`` of ``folds``, its run folder, and how its test cases are scored."""
+
+    index: int
+    folds: int
+    run_dir: Path
+    group_by: Sequence[str]
+    n_resamples: int
+    tolerance_mm: float
+
+
+def _fold_records(
+    fold: _Fold, cfg: RunConfig, train_cases: list[Case], test_cases: list[Case], *, device, events, resume: bool
+) -> list[dict[str, Any]]:
+    """The fold's test records: trained, scored and reported now, or read back from a finished
+    fold when resuming."""
+    from medtl.evaluate import evaluate_cases, summarise
+    from medtl.package import load_package
+    from medtl.pipeline import run_training
+
+    done_file = fold.run_dir / "fold_evaluation.json"
+    if not (resume and done_file.is_file()):
+        fold_cfg = copy.deepcopy(cfg)
+        fold_cfg.output_dir = str(fold.run_dir)
+        run_training(fold_cfg, events=events, resume=resume, cases=train_cases)
+        package = load_package(fold.run_dir / "model")
+        domain_column = cfg.adaptation.domain_column if package.domains else None
+        records = evaluate_cases(
+            package,
+            test_cases,
+            group_by=fold.group_by,
+            domain_column=domain_column,
+            tolerance_mm=fold.tolerance_mm,
+            device=device,
+            events=events,
+            fold=fold.index,
+        )
+        # The fold's own report: its model on the cases it never saw.
+        n = len(test_cases)
+        _card_and_report(
+            fold.run_dir / "test",
+            kind="evaluation",
+            manifest=package.manifest,
+            records=records,
+            summary=summarise(records, cfg, group_by=(), n_resamples=fold.n_resamples),
+            cases=test_cases,
+            cfg=cfg,
+            title=f"MedTL cross-validation fold {fold.index}: {cfg.model.name} on its {n} test case(s)",
+            limitations=[f"One fold of {fold.folds}: {n} test case(s); see the pooled report."],
+        )
+        _write_json(done_file, {"records": records})
+    return json.loads(done_file.read_text(encoding="utf-8"))["records"]
+
+
+def _pooled_report(
+    out_dir: Path,
+    cfg: RunConfig,
+    cases: list[Case],
+    all_cases: list[Case],
+    all_records: list[dict[str, Any]],
+    result: dict[str, Any],
+    first_package: Path,
+) -> Path:
+    """The cross-validation's report and model card: every case, scored by the fold that did not
+    train on it."""
+    from medtl.package import load_package
+
+    folds, group_column, per_fold = result["folds"], result["group_column"], result["per_fold"]
+    manifest = load_package(first_package).manifest
     manifest = {**manifest, "provenance": _all_training(cases, cfg)}
     limitations = [
         f"Cross-validation: each case was scored by the one of {folds} fold models that did not train on it; "
@@ -318,12 +378,12 @@ def cross_validate(
             "Folds were split case by case: cases of one patient or site may sit in training and test folds "
             "(set data.group_column or --group-column)."
         )
-    html = _card_and_report(
+    return _card_and_report(
         out_dir,
         kind="cross-validation",
         manifest=manifest,
         records=all_records,
-        summary=pooled,
+        summary=result["pooled"],
         cases=all_cases,
         cfg=cfg,
         title=f"MedTL {folds}-fold cross-validation: {cfg.model.name}",
@@ -334,8 +394,6 @@ def cross_validate(
         # (each case once, by the fold that did not train on it).
         check_overlap=False,
     )
-    events.emit("done", out_dir=str(out_dir), report=str(html), summary=_headline(pooled))
-    return result
 
 
 def _all_training(cases: Sequence[Case], cfg: RunConfig) -> dict[str, Any]:

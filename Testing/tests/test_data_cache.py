@@ -49,7 +49,7 @@ def test_a_cached_run_reads_no_image_and_trains_the_same_network(tmp_path, synth
     with monkeypatch.context() as m:
         # Preprocessing a case starts by reading its image through this reader. (The run's report
         # reads the validation cases again to score them as `medtl evaluate` would.)
-        m.setattr("medtl.pipeline.read_checked_image", no_reading)
+        m.setattr("medtl.case_data.read_checked_image", no_reading)
         run_training(_cfg(csv, tmp_path / "second", cache), events=EventSink())
     plain, first, second = (_weights(tmp_path / r) for r in ("plain", "first", "second"))
     for key, value in plain.items():

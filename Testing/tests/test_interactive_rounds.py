@@ -290,3 +290,18 @@ def test_view_and_stop_requests_take_effect_while_a_round_waits_in_line():
     reader.join(10)
     assert control.view == (2, 7) and control.stop_reason() == "good enough"
     assert [jobs.get_nowait()["request"] for _ in range(2)] == ["learn", "shutdown"]
+
+
+def test_medtl_plan_says_how_long_a_run_takes_before_it_runs(synthetic_dataset, hub_cache, tmp_path, capsys):
+    from conftest import tiny_config
+    from medtl.cli import main
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(tiny_config(synthetic_dataset, tmp_path / "run")))
+    assert main(["plan", str(config), "--events", "-"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    plan = next(e for e in events if e["event"] == "plan")
+    assert plan["steps"] == 12 and plan["seconds_per_step"] > 0 and plan["memory_bytes"] > 0
+    assert plan["total_s"] == pytest.approx(12 * plan["seconds_per_step"], rel=0.01)
+    assert plan["message"].startswith("about ") and "on the CPU" in plan["message"]
+    assert not (tmp_path / "run").exists()  # a plan writes nothing

@@ -26,11 +26,7 @@ from monai.networks.nets import resnet as monai_resnet
 from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
 from torch import nn
 
-
-def _resnet(net: nn.Module) -> list[nn.Module]:
-    from medtl.models.registry import resnet_stages
-
-    return resnet_stages(net)
+from medtl.models.spec import ModelSpec, resnet_stages
 
 
 def _densenet(net: nn.Module) -> list[nn.Module]:
@@ -136,8 +132,8 @@ def _monai_resnet_3d(depth: int) -> Callable[[int, bool], nn.Module]:
 
 # arch -> (stage cutter, minimum input size, exact input size)
 TORCHVISION_CLASSIFIERS: dict[str, tuple[Callable[[nn.Module], list[nn.Module]], int, int | None]] = {
-    "resnet50": (_resnet, 32, None),
-    "resnet101": (_resnet, 32, None),
+    "resnet50": (resnet_stages, 32, None),
+    "resnet101": (resnet_stages, 32, None),
     "densenet121": (_densenet, 32, None),
     "inception_v3": (_inception_v3, 75, None),
     "efficientnet_b0": (_efficientnet, 32, None),
@@ -147,8 +143,6 @@ TORCHVISION_CLASSIFIERS: dict[str, tuple[Callable[[nn.Module], list[nn.Module]],
 
 
 def register_classifiers(register: Callable) -> None:
-    from medtl.models.registry import ModelSpec
-
     for arch, (cut, min_size, exact) in TORCHVISION_CLASSIFIERS.items():
         register(
             ModelSpec(
@@ -172,7 +166,7 @@ def register_classifiers(register: Callable) -> None:
                 spatial_dims=3,
                 imagenet=False,
                 build=_monai_resnet_3d(depth),
-                stages=_resnet,
+                stages=resnet_stages,
                 task="classification",
                 description=f"3D classifier: MONAI ResNet-{depth} (MedicalNet/Med3D weights from a file), new head",
                 adapter=False,

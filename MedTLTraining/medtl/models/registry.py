@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from monai.networks.nets import FlexibleUNet, SegResNet, SwinUNETR, UNet
@@ -29,6 +28,7 @@ from torch import nn
 import medtl.models.encoders  # noqa: F401 - registers the tv-* FlexibleUNet backbones
 from medtl.adaptation.dsbn import DomainBatchNorm
 from medtl.errors import ConfigError
+from medtl.models.spec import ModelSpec, group_modules, resnet_stages  # noqa: F401 - resnet_stages: part of the registry's API
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -95,12 +95,6 @@ class TransferNet(nn.Module):
         return self
 
 
-def _group(*modules: nn.Module) -> nn.Module:
-    # A handle over modules that already live in the network; not attached to it, so the state
-    # dict is unchanged.
-    return nn.ModuleList(modules)
-
-
 def stage_output_module(stage: nn.Module) -> nn.Module:
     """The module whose output is ``stage``'s output, for a forward hook.
 
@@ -132,26 +126,6 @@ def pool_stage_output(feature: torch.Tensor) -> torch.Tensor:
     return feature.flatten(2).mean(dim=2)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    spatial_dims: int
-    imagenet: bool  # pretrained ImageNet weights are available through torchvision
-    build: Callable[[int, bool], nn.Module]  # (num_classes, imagenet_pretrained) -> core
-    description: str
-    stages: Callable[[nn.Module], list[nn.Module]] | None = None  # core -> encoder stages, input first
-    task: str = "segmentation"  # or "classification"
-    adapter: bool = True
-    divisor: int = 32  # input sizes must be multiples of this (the encoder's total stride)
-    min_size: int = 16
-    exact_size: int | None = None  # e.g. ViT-B/16's position embedding is for 224 × 224 only
-    batchnorm: bool = True  # AdaBN and domain-specific BatchNorm need BatchNorm layers
-
-    @property
-    def has_encoder(self) -> bool:
-        return self.stages is not None
-
-
 def _flexible_unet_2d(arch: str) -> Callable[[int, bool], nn.Module]:
     def build(num_classes: int, pretrained: bool) -> nn.Module:
         return FlexibleUNet(
@@ -175,14 +149,9 @@ def _resnet_unet_3d(depth: int) -> Callable[[int, bool], nn.Module]:
     return build
 
 
-def resnet_stages(net: nn.Module) -> list[nn.Module]:
-    """Stem, layer1..layer4 of a torchvision or MONAI ResNet (2D or 3D)."""
-    return [_group(net.conv1, net.bn1), net.layer1, net.layer2, net.layer3, net.layer4]
-
-
 def _swinunetr_stages(core: nn.Module) -> list[nn.Module]:
     vit = core.swinViT
-    return [_group(vit.patch_embed), vit.layers1, vit.layers2, vit.layers3, vit.layers4]
+    return [group_modules(vit.patch_embed), vit.layers1, vit.layers2, vit.layers3, vit.layers4]
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -260,7 +229,7 @@ register(
     )
 )
 
-from medtl.models.classifiers import register_classifiers  # noqa: E402 - needs ModelSpec and register
+from medtl.models.classifiers import register_classifiers  # noqa: E402 - registers into MODELS, defined above
 
 register_classifiers(register)
 

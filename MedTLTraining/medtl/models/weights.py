@@ -128,7 +128,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     MedTL model package directory (its weights, after the package's signature and sha256 checks)."""
     path = Path(path)
     if path.is_dir():
-        from medtl.package import MANIFEST, WEIGHTS, read_manifest
+        from medtl.manifest import MANIFEST, WEIGHTS, read_manifest
 
         if not (path / MANIFEST).is_file():
             raise WeightsError(f"{path} is a folder but not a MedTL model package (no {MANIFEST})")

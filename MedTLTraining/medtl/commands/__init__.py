@@ -1,0 +1,46 @@
+"""One module per ``medtl`` command: ``add_parser(subparsers)`` registers its arguments and
+``run(args) -> int`` carries it out. :data:`COMMANDS` is their order in ``medtl --help``."""
+
+from medtl.commands import (
+    adapt,
+    cv,
+    demo,
+    device,
+    drift,
+    ensemble,
+    evaluate,
+    explain,
+    export,
+    info,
+    keygen,
+    models,
+    plan,
+    predict,
+    serve,
+    sign,
+    train,
+    verify,
+    weights,
+)
+
+COMMANDS = [
+    demo,
+    train,
+    plan,
+    predict,
+    drift,
+    ensemble,
+    explain,
+    adapt,
+    evaluate,
+    cv,
+    export,
+    device,
+    info,
+    keygen,
+    sign,
+    verify,
+    models,
+    weights,
+    serve,
+]
