@@ -196,8 +196,45 @@ def budgeted(cfg: RunConfig, steps: int) -> RunConfig:
 def probe_step_seconds(
     cfg: RunConfig, items: Sequence[dict[str, np.ndarray]], model: torch.nn.Module, *, device: torch.device
 ) -> float:
+    """The mean time of a training step of ``cfg`` on ``items`` over the run's epochs.
+
+    A step with the encoder frozen costs less than one with it training (no backward pass through
+    the encoder), so both are timed, on copies of ``model``, and weighted by the share of the
+    encoder each epoch of the strategy trains (feature extraction then fine-tuning: a third
+    frozen by default).
+    """
+    from medtl.strategies import unfrozen_stages
+
+    n_stages = len(model.encoder_stages()) if hasattr(model, "encoder_stages") else 0
+    shares = [unfrozen_stages(cfg.strategy, e, n_stages) / n_stages for e in range(cfg.train.epochs)] if n_stages else [1.0]
+    timed: dict[str, float] = {}
+    for name, needed in (("feature_extraction", min(shares) < 1), ("full_finetune", max(shares) > 0)):
+        if needed:
+            phase = replace(cfg, strategy=replace(cfg.strategy, name=name))
+            timed[name] = median_step_seconds(phase, items, model, device=device)
+    frozen = timed.get("feature_extraction", 0.0)
+    full = timed.get("full_finetune", frozen)
+    return float(np.mean([frozen + share * (full - frozen) for share in shares]))
+
+
+def replan(plan: RoundPlan, *, seconds_per_step: float, predict_s: float, budget_s: float | None) -> RoundPlan:
+    """The plan of another round of the same run (same network, batch, patch and device: the same
+    memory), with the step and prediction times measured in the last one: no probe."""
+    steps = max(1, int(budget_s / seconds_per_step)) if budget_s else plan.steps
+    return replace(
+        plan,
+        seconds_per_step=round(seconds_per_step, 4),
+        steps=steps,
+        train_s=round(steps * seconds_per_step, 2),
+        predict_s=round(predict_s, 2),
+    )
+
+
+def median_step_seconds(
+    cfg: RunConfig, items: Sequence[dict[str, np.ndarray]], model: torch.nn.Module, *, device: torch.device
+) -> float:
     """The median time of a training step of ``cfg`` on ``items``, from a few steps of a copy of
-    ``model`` (after one warm-up step)."""
+    ``model`` (after warm-up steps)."""
     from medtl.training import Handler, Trainer
 
     times: list[float] = []
@@ -214,7 +251,9 @@ def probe_step_seconds(
         train=replace(cfg.train, epochs=1, steps_per_epoch=WARMUP_STEPS + TIMED_STEPS, device=device.type),
     )
     with tempfile.TemporaryDirectory(prefix="medtl-probe-") as run_dir:
-        trainer = Trainer(probe, items, run_dir=run_dir, model=copy.deepcopy(model), handlers=[StepClock()])
+        trainer = Trainer(
+            probe, items, run_dir=run_dir, model=copy.deepcopy(model), handlers=[StepClock()], checkpoints=False
+        )
         trainer.run_training()
     steps = np.diff(times)[WARMUP_STEPS:]
     return float(statistics.median(steps))

@@ -56,7 +56,7 @@ from medtl.errors import DataError, MedTLError
 from medtl.events import EventSink
 from medtl.infer import normalised_entropy, predict_slices
 from medtl.package import preprocess, save_package, segment_with_network, working_image
-from medtl.planner import budgeted, plan_run
+from medtl.planner import RoundPlan, budgeted, plan_run, replan
 from medtl.stop import Cancelled
 from medtl.training import Trainer
 from medtl.training.interactive import LivePreview, LossPlateau, StopSignal, TimeBudget
@@ -113,6 +113,8 @@ class WarmSession:
     known: tuple | None = None  # (network name, label names) the model was taught
     image: _Image | None = None
     seconds_per_step: float | None = None
+    predict_s: float = 0.0
+    plans: dict = field(default_factory=dict)  # the first round's plan per network and configuration
     rounds: int = 0
 
     def learn(self, request: dict[str, Any]) -> dict[str, Any] | None:
@@ -128,16 +130,7 @@ class WarmSession:
         items = self.samples(image, labels, cfg)
         model = self.starting_model(cfg, device)
         budget = float(request.get("budget_s") or 0)
-        plan = plan_run(
-            cfg,
-            items,
-            model,
-            device=device,
-            predict_slices=image.volume.shape[SLICE_AXES[cfg.preprocessing.slice_axis]],
-            budget_s=budget or None,
-            events=self.events,
-            seconds_per_step=self.seconds_per_step,
-        )
+        plan = self.plan(cfg, items, model, device, budget, image)
         round_cfg = budgeted(cfg, plan.steps) if budget else cfg
         round_cfg = replace(round_cfg, preprocessing=replace(round_cfg.preprocessing, patch_size=plan.patch_size))
         trainer = Trainer(
@@ -148,6 +141,7 @@ class WarmSession:
             model=model,
             label="learn",
             handlers=self.round_handlers(request, budget, image, round_cfg, Path(request["out"]).parent),
+            checkpoints=False,  # a round ends in a model package and is never resumed
         )
         state = trainer.run_training()
         self.model, self.known = trainer.model, (cfg.model.name, tuple(cfg.data.label_names))
@@ -169,6 +163,29 @@ class WarmSession:
             "stopped": trainer.stop_reason,
             "planned": plan.event_fields(),
         }
+
+    def plan(
+        self, cfg: RunConfig, items: list[dict], model: torch.nn.Module, device: torch.device, budget: float, image: _Image
+    ) -> RoundPlan:
+        """The round's plan: probed in the first round of a network and configuration, then the
+        same plan with the step and prediction times the last round measured."""
+        key = (cfg.model.name, cfg.train.batch_size, tuple(cfg.preprocessing.patch_size), str(device))
+        last = self.plans.get(key)
+        if last is not None and self.seconds_per_step:
+            plan = replan(last, seconds_per_step=self.seconds_per_step, predict_s=self.predict_s, budget_s=budget)
+            self.events.emit("plan", **plan.event_fields())
+        else:
+            plan = plan_run(
+                cfg,
+                items,
+                model,
+                device=device,
+                predict_slices=image.volume.shape[SLICE_AXES[cfg.preprocessing.slice_axis]],
+                budget_s=budget or None,
+                events=self.events,
+            )
+        self.plans[key] = plan
+        return plan
 
     def load_image(self, path: Path, cfg: RunConfig) -> _Image:
         """The image, from memory when the file and the preprocessing are those of the last round."""
@@ -245,14 +262,17 @@ class WarmSession:
 
     def write_outputs(self, request: dict, image: _Image, cfg: RunConfig, device: torch.device) -> dict[str, str]:
         """The prediction (and uncertainty) on the image's grid, and the round's model package."""
+        t0 = time.perf_counter()
         labels, probs = segment_with_network(
             cfg, self.model, image.image, device=device, grid=image.grid, volume=image.volume
         )
+        self.predict_s = time.perf_counter() - t0
+        # Hand-off files the module reads at once and removes: not worth compressing.
         out = Path(_required(request, "out"))
-        write_image(labels, out)
+        write_image(labels, out, compress=False)
         outputs = {"labels": str(out)}
         if request.get("uncertainty"):
-            write_image(array_like(normalised_entropy(probs), image.image), request["uncertainty"])
+            write_image(array_like(normalised_entropy(probs), image.image), request["uncertainty"], compress=False)
             outputs["uncertainty"] = str(request["uncertainty"])
         # A package every round: a crashed engine's successor, and Apply, start from it.
         package = save_package(Path(cfg.output_dir) / "model", self.model, cfg, metrics={"rounds": self.rounds})

@@ -67,6 +67,8 @@ class Trainer(Setup):
         n_domains: domain-specific BatchNorm with this many domains.
         target_items: unlabelled target-domain samples for adversarial training (DANN).
         handlers: attached after the built-in ones (e.g. live previews).
+        checkpoints: write ``checkpoint.pt`` after every epoch (resume needs it; a warm engine's
+            round, which ends in a model package and is never resumed, does not).
 
     Attributes:
         state: the :class:`TrainState`, checkpointed after every epoch.
@@ -87,6 +89,7 @@ class Trainer(Setup):
         n_domains: int = 0,
         target_items: Sequence[dict[str, np.ndarray]] | None = None,
         handlers: Iterable[Handler] = (),
+        checkpoints: bool = True,
     ) -> None:
         super().__init__(
             cfg,
@@ -99,6 +102,7 @@ class Trainer(Setup):
             target_items=target_items,
         )
         self.scorer = scorer
+        self.checkpoints = checkpoints
         self.checkpoint_path = self.run_dir / CHECKPOINT
         self.best_path = self.run_dir / BEST
         self.state = TrainState(micro_batch=self.local_batch, train_patch=list(self.patch))
@@ -324,10 +328,12 @@ class Trainer(Setup):
     def on_epoch_end(self, record: dict[str, Any]) -> None:
         self.state.history.append(record)
         self.state.epoch += 1
-        self.save_checkpoint()
+        if self.checkpoints:
+            self.save_checkpoint()
         self.fire("on_epoch_end", record)
-        # Last: a listener that stops the run here finds every file of the epoch written.
-        self.events.emit("checkpoint", path=str(self.checkpoint_path), epoch=record["epoch"])
+        if self.checkpoints:
+            # Last: a listener that stops the run here finds every file of the epoch written.
+            self.events.emit("checkpoint", path=str(self.checkpoint_path), epoch=record["epoch"])
 
     def on_train_end(self) -> None:
         self.fire("on_train_end")
