@@ -144,10 +144,11 @@ class WarmSession:
             checkpoints=False,  # a round ends in a model package and is never resumed
         )
         state = trainer.run_training()
+        train_s = time.perf_counter() - trainer.t0
         self.model, self.known = trainer.model, (cfg.model.name, tuple(cfg.data.label_names))
         image.labels = labels
         if trainer.steps_done:
-            self.seconds_per_step = (time.perf_counter() - trainer.t0) / trainer.steps_done
+            self.seconds_per_step = train_s / trainer.steps_done
         if self.control.stop == "cancelled":
             return None
         self.rounds += 1
@@ -157,7 +158,7 @@ class WarmSession:
             "round": request.get("id"),
             **outputs,
             "steps": trainer.steps_done,
-            "train_s": round(time.perf_counter() - trainer.t0, 2),
+            "train_s": round(train_s, 2),
             "seconds": round(time.perf_counter() - started, 2),
             "final_loss": history[-1]["loss"] if history else None,
             "stopped": trainer.stop_reason,

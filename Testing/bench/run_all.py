@@ -16,6 +16,7 @@ BENCHMARKS = [
     "strategies.py",  # the transfer-learning strategy study (segmentation and classification)
     "adaptation.py",  # the domain-adaptation study (AdaBN, DSBN, DANN on simulated scanner shifts)
     "next_slice.py",  # "paint this slice next" against evenly spaced corrections on the demo CT
+    "interactive.py",  # the warm engine's rounds against today's one-shot round: previews, time, Dice, planner
 ]
 
 
