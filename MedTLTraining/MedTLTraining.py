@@ -127,6 +127,7 @@ class MedTLTrainingWidget(WidgetLifecycleMixin, ScriptedLoadableModuleWidget, VT
         self.logic = MedTLTrainingLogic()
         self.setupLifecycle("UI/MedTLTraining.ui", self.logic.run, qt.QTimer(), pollIntervalMs=500)
         self.ui.refreshPairsButton.connect("clicked(bool)", self.refreshPairs)
+        self.ui.estimateButton.connect("clicked(bool)", self.onEstimateButton)
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
@@ -178,6 +179,7 @@ class MedTLTrainingWidget(WidgetLifecycleMixin, ScriptedLoadableModuleWidget, VT
         hasData = bool(self._pairs) if fromScene else bool(node) and is_set(node.dataPath)
         ready = bool(node) and hasData and is_set(node.outputDirectory)
         self.ui.startButton.enabled = ready and not running
+        self.ui.estimateButton.enabled = ready and not running
         self.ui.resumeButton.enabled = bool(node) and not running and training_run.can_resume(node.outputDirectory)
         self.ui.cancelButton.enabled = running
         self.ui.openReportButton.enabled = self.logic is not None and self.logic.reportPath() is not None
@@ -196,6 +198,14 @@ class MedTLTrainingWidget(WidgetLifecycleMixin, ScriptedLoadableModuleWidget, VT
             config = self.logic.buildConfig(p, self._chosenPairs(), device=usable_device(p.device))
             self.logic.run.start(config)
             self._onJobStarted(_("Starting training in {dir}...").format(dir=config["output_dir"]))
+
+    def onEstimateButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not estimate the run."), waitCursor=True):
+            p = self._parameterNode
+            ensure_dependencies("train")
+            ensure_default_weights(p.network, p.pretrained)
+            self.logic.run.estimate(self.logic.buildConfig(p, self._chosenPairs(), device=usable_device(p.device)))
+            super()._onJobStarted(_("Timing a few training steps..."))
 
     def onResumeButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not resume training."), waitCursor=True):

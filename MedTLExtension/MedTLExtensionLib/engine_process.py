@@ -450,7 +450,7 @@ def describe_event(event: dict[str, Any]) -> tuple[int | None, str]:
     if kind == "phase":
         return None, f"Training: {event.get('name', '')}"
     if kind == "plan":
-        return 0, f"Planned: {event.get('message', '')}"
+        return 0, f"Estimate: {event.get('message', '')}"
     if kind == "preview":
         loss = event.get("loss")
         return None, f"Learning: preview after {event.get('step', '?')} steps" + (

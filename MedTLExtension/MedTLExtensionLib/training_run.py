@@ -438,6 +438,7 @@ class TrainingRun:
         self.run_dir: Path | None = None
         self.curves: TrainingCurves | None = None
         self.result: dict[str, Any] | None = None
+        self.plan: dict[str, Any] | None = None  # the last estimate (a ``plan`` event)
         self.last_log = ""
 
     @property
@@ -456,6 +457,18 @@ class TrainingRun:
         os.replace(f.name, config_path)
         self._launch(["train", str(config_path), "--events", "-"], run_dir, new_curves=True)
         return config_path
+
+    def estimate(self, config: dict[str, Any]) -> None:
+        """Starts ``medtl plan`` on ``config``: a few timed steps and the memory estimate; nothing is
+        trained and nothing written to the run directory (the configuration goes to a temporary
+        folder). Its ``plan`` event (``message``: "about 6 min on the CPU
+        (...)") arrives through :meth:`poll`, and stays in :attr:`plan`."""
+        self._check_idle()
+        folder = Path(tempfile.mkdtemp(prefix="medtl-plan-"))
+        config_path = folder / CONFIG_NAME
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        self.plan = None
+        self._job = EngineJob(self.engine_factory(["plan", str(config_path), "--events", "-"]), "The estimate")
 
     def resume(self, run_dir: str | Path, device: str | None = None) -> None:
         """Continues the run in ``run_dir`` from its last checkpoint."""
@@ -487,7 +500,10 @@ class TrainingRun:
             if job.finished:
                 self._job, self.last_log = None, job.log
         for event in events:
-            self.curves.add(event)
+            if event.get("event") == "plan":
+                self.plan = event
+            elif self.curves is not None:
+                self.curves.add(event)
         if not job.finished:
             return events
         if job.cancelled:

@@ -1,4 +1,5 @@
-"""The engine's shape, read from its source with ``ast`` (nothing is imported): no import cycles."""
+"""The engine's shape, read from its source with ``ast`` (nothing is imported): no import cycles,
+no function over 80 lines and no file over 500 (rooms small enough to find one's way in)."""
 
 from __future__ import annotations
 
@@ -121,3 +122,37 @@ def test_no_import_cycles_at_module_level():
     assert graph["medtl.cli"], "the import graph was not read"
     cycle = find_cycle(graph)
     assert cycle is None, "module-level import cycle: " + " -> ".join(cycle)
+
+
+MAX_FUNCTION_LINES = 80
+MAX_FILE_LINES = 500
+
+
+def long_functions(path: Path, *, root: Path = ENGINE.parent, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``module.function (N lines)`` for every function or method of ``path`` longer than ``limit``."""
+    module = ".".join(path.relative_to(root).with_suffix("").parts)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > limit:
+                found.append(f"{module}.{node.name} ({lines} lines)")
+    return found
+
+
+def test_long_functions_are_found(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(81))
+    (tmp_path / "medtl").mkdir()
+    source = tmp_path / "medtl" / "sample.py"
+    source.write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n")
+    assert [entry.split(" ")[0] for entry in long_functions(source, root=tmp_path)] == ["medtl.sample.long"]
+
+
+def test_no_engine_function_over_80_lines_and_no_file_over_500():
+    modules = engine_modules()
+    assert len(modules) > 50, "the engine's modules were not found"
+    too_long = [entry for path in modules.values() for entry in long_functions(path)]
+    assert not too_long, "split these into named steps: " + ", ".join(too_long)
+    sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in modules.items()}
+    too_big = [f"{name} ({n} lines)" for name, n in sizes.items() if n > MAX_FILE_LINES]
+    assert not too_big, "split these by responsibility: " + ", ".join(too_big)

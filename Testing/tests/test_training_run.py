@@ -247,3 +247,22 @@ def test_panel_choices_are_the_engines():
     assert set(training_run.AUGMENTATIONS) == set(typing.get_args(config.Augmentation))
     assert set(training_run.LOSSES) == set(config.SEGMENTATION_LOSSES)
     assert set(training_run.DEVICES) == set(typing.get_args(config.Device))
+
+
+def test_an_estimate_says_how_long_before_anything_trains(scene_dataset, tmp_path, hub_cache):
+    headless, _pairs, csv, names, _truths = scene_dataset
+    config = training_config(csv=csv, output_dir=tmp_path / "run", label_names=names, epochs=3, device="cpu")
+    config["preprocessing"]["patch_size"] = [32, 32]
+    config["train"].update(steps_per_epoch=4, batch_size=4)
+    run = TrainingRun(headless.scene)
+    run.estimate(config)
+    events = []
+    while run.is_running:
+        time.sleep(0.05)
+        events += run.poll()
+    assert run.plan is not None and run.plan["steps"] == 12 and run.plan["message"].startswith("about ")
+    assert run.curves is None and run.result is None  # nothing trained, no curves
+    assert not (tmp_path / "run").exists()
+    from MedTLExtensionLib.engine_process import describe_event
+
+    assert describe_event(run.plan)[1].startswith("Estimate: about ")
