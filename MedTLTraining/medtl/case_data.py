@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -13,7 +14,8 @@ from medtl.config import RunConfig
 from medtl.data.checks import read_checked_image, read_checked_label
 from medtl.data.dataset import Case
 from medtl.data.geometry import SLICE_AXES, label_on_image_grid
-from medtl.data.partial_labels import UNKNOWN, unpainted_slices_unknown
+from medtl.data.io import read_segment_names
+from medtl.data.partial_labels import UNKNOWN, classes_from_segments, unpainted_slices_unknown
 from medtl.data.slices import slice_items
 from medtl.errors import DataError
 from medtl.package import preprocess, working_image
@@ -47,13 +49,26 @@ def load_case_arrays(case: Case, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray
 def case_label_image(case: Case, image: sitk.Image, cfg: RunConfig) -> sitk.Image:
     """A CSV row's label file, checked (whole numbers) and on its image's grid: an error naming the
     row when the grids differ, or resampled onto the image (``data.resample_labels``)."""
-    return label_on_image_grid(
-        image,
-        read_checked_label(case.label, row=case.row),
-        where=f"row {case.row}: label {case.label.name} of image {case.image.name}",
-        resample=cfg.data.resample_labels,
-        unknown=UNKNOWN,
-    )
+    where = f"row {case.row}: label {case.label.name} of image {case.image.name}"
+    label = segment_classes(read_checked_label(case.label, row=case.row), case.label, cfg, where=where)
+    return label_on_image_grid(image, label, where=where, resample=cfg.data.resample_labels, unknown=UNKNOWN)
+
+
+def segment_classes(label: sitk.Image, path: Path, cfg: RunConfig, *, where: str) -> sitk.Image:
+    """A ``.seg.nrrd`` label with its segments matched to ``data.label_names`` by name (and an
+    explicit ``background`` segment making every other voxel unknown); other files as they are."""
+    if not path.name.lower().endswith(".seg.nrrd"):
+        return label
+    segments = read_segment_names(path)
+    if not segments:
+        return label
+    values = sitk.GetArrayFromImage(label)
+    classes = classes_from_segments(values, segments, cfg.data.label_names, where=where)
+    if classes is values:
+        return label
+    mapped = sitk.GetImageFromArray(classes)
+    mapped.CopyInformation(label)
+    return mapped
 
 
 def compact_labels(labels: np.ndarray) -> np.ndarray:
@@ -75,6 +90,8 @@ def _cached(cfg: RunConfig, files: list, kind: str, make) -> dict[str, np.ndarra
         "dims": cfg.spatial_dims,
         # A resampled label is another array than a refused one: never served for the other setting.
         "resample_labels": cfg.data.resample_labels,
+        # A .seg.nrrd's segments become classes by name: another order is another array.
+        "label_names": list(cfg.data.label_names),
     }
     return PreprocessedCache(cfg.data.cache_dir).arrays(cache_key(files, what), make)
 

@@ -227,3 +227,38 @@ def test_validation_on_sparse_labels_scores_the_annotated_slices_only(tmp_path):
     cfg.data.labelled_slices = True  # the switch for files that cannot say "unknown"
     score, _ = validation_scorer([zeros_case], cfg, "cpu")
     assert score(_BrightIsStructure())["structure"] > 0.98
+
+
+def test_segments_become_classes_by_name_and_an_explicit_background_makes_the_rest_unknown():
+    from medtl.data.partial_labels import classes_from_segments
+
+    labels = np.array([0, 1, 2, 3], np.uint8)
+    names = ["disc", "blob"]
+    # Slicer numbered the segments in painting order: blob 1, disc 2; a background segment 3.
+    mapped = classes_from_segments(labels, {1: "blob", 2: "disc", 3: "Background"}, names, where="x.seg.nrrd")
+    assert mapped.tolist() == [UNKNOWN, 2, 1, 0]
+    assert classes_from_segments(labels, {1: "blob", 2: "disc"}, names, where="x").tolist() == [0, 2, 1, 3]
+    generic = {1: "Segment_1", 2: "Segment_2"}  # no name the run knows: values are the classes
+    assert classes_from_segments(labels, generic, names, where="x") is labels
+    with pytest.raises(DataError, match=r"row 4, label x.seg.nrrd: segment\(s\) 'lesion' are not among"):
+        classes_from_segments(labels, {1: "disc", 2: "lesion"}, names, where="row 4, label x.seg.nrrd")
+
+
+def test_a_seg_nrrd_with_a_background_segment_trains_on_what_its_segments_say(tmp_path):
+    from medtl.data.io import write_segmentation
+
+    image, label = synthetic_case(0)
+    truth = sitk.GetArrayFromImage(label)  # 1 disc, 2 blob
+    # The user's segmentation: blob first (value 1), disc (2), and background (3) on slices 2 and 5.
+    values = np.zeros_like(truth)
+    for z in (2, 5):
+        values[z] = np.select([truth[z] == 2, truth[z] == 1], [1, 2], 3)
+    sitk.WriteImage(image, str(tmp_path / "case.nrrd"))
+    segments = [(1, "blob", (0.3, 0.9, 0.3)), (2, "disc", (0.9, 0.4, 0.3)), (3, "background", (0.0, 0.0, 0.0))]
+    write_segmentation(values, image, tmp_path / "case.seg.nrrd", segments)
+    (tmp_path / "set.csv").write_text("image,label\ncase.nrrd,case.seg.nrrd\n")
+    cfg = RunConfig.from_dict(tiny_config(tmp_path / "set.csv", tmp_path / "run", data={"val_fraction": 0.0}))
+    (case,) = load_cases(tmp_path / "set.csv")
+    _volume, labels = load_case_arrays(case, cfg)
+    assert [i["slice"] for i in training_items([case], cfg)] == [2, 5]  # the rest is unknown
+    assert np.array_equal(labels[[2, 5]], truth[[2, 5]]) and (labels[3] == UNKNOWN).all()

@@ -5,6 +5,11 @@ annotation: 0 is background the user painted, left unpainted on a slice they wor
 erased; 1..N are the structures. Unknown voxels never count in a loss, a patch sampler or a
 metric. A file without the value 255 is fully annotated, organ-free slices included.
 
+A Slicer segmentation file (``.seg.nrrd``) says the same with segments: a segment named
+``background`` holds what the user marked as background, and then a voxel in no segment is
+unknown (:func:`classes_from_segments`). Without such a segment, a voxel in no segment is
+background, as in any label map.
+
 Torch-free: the Slicer side imports it to write label files.
 
 Example:
@@ -18,7 +23,11 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
+
+from medtl.errors import DataError
 
 UNKNOWN = 255
 """The reserved label value of a voxel nobody annotated. Label values 1..254 are structures."""
@@ -56,3 +65,46 @@ def unpainted_slices_unknown(label: np.ndarray, axis: int = 0) -> np.ndarray:
     index[axis % label.ndim] = empty
     label[tuple(index)] = UNKNOWN
     return label
+
+
+BACKGROUND_SEGMENT = "background"
+"""The segment name (any case) that marks background explicitly in a ``.seg.nrrd`` label file."""
+
+
+def classes_from_segments(
+    labels: np.ndarray, segments: Mapping[int, str], label_names: Sequence[str], *, where: str
+) -> np.ndarray:
+    """A ``.seg.nrrd``'s label values as class indices, matched by segment name.
+
+    Each segment named in ``label_names`` becomes its class (1..N), whatever label value Slicer
+    gave it; a segment named :data:`BACKGROUND_SEGMENT` becomes 0, and then a voxel in no segment
+    is :data:`UNKNOWN`. Segments with none of the run's names (Slicer's "Segment_1"...) keep their
+    values as class indices, as a plain label map's.
+
+    Args:
+        labels: the file's label values.
+        segments: label value -> segment name, from the file's header (empty: a plain label map).
+        label_names: the run's structures (``data.label_names``), class 1 first.
+        where: names the file (and CSV row) in errors.
+
+    Raises:
+        DataError: for a segment whose name is not among ``label_names`` when others are.
+    """
+    background = {value for value, name in segments.items() if name.strip().lower() == BACKGROUND_SEGMENT}
+    structures = {value: name for value, name in segments.items() if value not in background}
+    if not background and not any(name in label_names for name in structures.values()):
+        return labels
+    strangers = sorted({name for name in structures.values() if name not in label_names})
+    if strangers:
+        raise DataError(
+            f"{where}: segment(s) {', '.join(map(repr, strangers))} are not among data.label_names "
+            f"({', '.join(label_names)}); rename them, or add them to label_names"
+        )
+    labels = np.asarray(labels)
+    lookup = np.arange(max(UNKNOWN, int(labels.max(initial=0))) + 1, dtype=np.int64)
+    lookup[0] = UNKNOWN if background else 0
+    for value in background:
+        lookup[value] = 0
+    for value, name in structures.items():
+        lookup[value] = list(label_names).index(name) + 1
+    return lookup[labels].astype(labels.dtype if labels.dtype.itemsize > 1 else np.uint8)
