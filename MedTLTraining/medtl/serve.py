@@ -114,6 +114,7 @@ class WarmSession:
     image: _Image | None = None
     seconds_per_step: float | None = None
     predict_s: float = 0.0
+    optimizer_state: dict | None = None  # AdamW's moments after the last round, for the next
     plans: dict = field(default_factory=dict)  # the first round's plan per network and configuration
     rounds: int = 0
 
@@ -142,10 +143,12 @@ class WarmSession:
             label="learn",
             handlers=self.round_handlers(request, budget, image, round_cfg, Path(request["out"]).parent),
             checkpoints=False,  # a round ends in a model package and is never resumed
+            optimizer_state=self.optimizer_state if model is self.model else None,
         )
         state = trainer.run_training()
         train_s = time.perf_counter() - trainer.t0
         self.model, self.known = trainer.model, (cfg.model.name, tuple(cfg.data.label_names))
+        self.optimizer_state = trainer.optimizer.state_dict()
         image.labels = labels
         if trainer.steps_done:
             self.seconds_per_step = train_s / trainer.steps_done
@@ -249,6 +252,7 @@ class WarmSession:
         if report is not None:
             self.events.emit("message", message=f"initial weights from {cfg.model.pretrained}: {report.summary()}")
         self.image = None if self.image is None else replace(self.image, labels=None)
+        self.optimizer_state = None
         return model.to(device)
 
     def round_handlers(self, request: dict, budget: float, image: _Image, cfg: RunConfig, folder: Path) -> list:
@@ -421,7 +425,7 @@ def run_round(session: WarmSession, request: dict[str, Any]) -> None:
         return
     except Exception as err:  # a bug must not take the session down with it; the network may be half-updated
         events.emit("error", round=request.get("id"), message=f"{type(err).__name__}: {err}")
-        session.model = session.known = None
+        session.model = session.known = session.optimizer_state = None
         return
     if done is None:
         events.emit("cancelled", round=request.get("id"), message="the round was cancelled; nothing predicted")

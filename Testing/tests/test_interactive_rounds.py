@@ -305,3 +305,17 @@ def test_medtl_plan_says_how_long_a_run_takes_before_it_runs(synthetic_dataset, 
     assert plan["train_s"] == pytest.approx(12 * plan["seconds_per_step"], abs=0.01)  # rounded to 10 ms
     assert plan["message"].startswith("about ") and "on the CPU" in plan["message"]
     assert not (tmp_path / "run").exists()  # a plan writes nothing
+
+
+def test_a_later_round_continues_adams_moments_with_its_own_learning_rates(tmp_path):
+    first = Trainer(_cfg(tmp_path, epochs=1), _items(), run_dir=tmp_path / "a")
+    first.run_training()
+    earlier = first.optimizer.state_dict()
+    moment = next(iter(earlier["state"].values()))["exp_avg"].clone()
+    later_cfg = RunConfig.from_dict({**_cfg(tmp_path).to_dict(), "optim": {"lr": 5e-4}})
+    later = Trainer(later_cfg, _items(), run_dir=tmp_path / "b", model=first.model, optimizer_state=earlier)
+    state = later.optimizer.state_dict()
+    assert torch.equal(next(iter(state["state"].values()))["exp_avg"], moment)
+    assert state["param_groups"][0]["initial_lr"] == pytest.approx(5e-4)  # this run's schedule
+    other = {"state": earlier["state"], "param_groups": earlier["param_groups"][:1]}  # other parameters
+    assert not later.continue_moments(other)

@@ -69,6 +69,9 @@ class Trainer(Setup):
         handlers: attached after the built-in ones (e.g. live previews).
         checkpoints: write ``checkpoint.pt`` after every epoch (resume needs it; a warm engine's
             round, which ends in a model package and is never resumed, does not).
+        optimizer_state: an earlier run's ``optimizer.state_dict()`` on the same network (the warm
+            engine's last round): AdamW's moments continue where they were when the trainable
+            parameters are the same; the learning rates are this run's.
 
     Attributes:
         state: the :class:`TrainState`, checkpointed after every epoch.
@@ -90,6 +93,7 @@ class Trainer(Setup):
         target_items: Sequence[dict[str, np.ndarray]] | None = None,
         handlers: Iterable[Handler] = (),
         checkpoints: bool = True,
+        optimizer_state: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             cfg,
@@ -107,6 +111,8 @@ class Trainer(Setup):
         self.best_path = self.run_dir / BEST
         self.state = TrainState(micro_batch=self.local_batch, train_patch=list(self.patch))
         self.load_checkpoint(resume)
+        if optimizer_state is not None and not resume:
+            self.continue_moments(optimizer_state)
         self.start_epoch = self.state.epoch
         self.backoff = OutOfMemoryBackoff()
         self.handlers = [*self.default_handlers(label), *handlers]
@@ -156,6 +162,17 @@ class Trainer(Setup):
         if train.early_stopping_patience:
             handlers.append(EarlyStopping(patience=train.early_stopping_patience, epochs=train.epochs))
         return [*handlers, KeepBest(self.best_path, restore=train.keep_best)]
+
+    def continue_moments(self, earlier: dict[str, Any]) -> bool:
+        """Takes AdamW's moments from ``earlier`` (an optimiser state on the same network) when its
+        parameter groups hold the same parameters as this run's; the groups' learning rates and
+        the schedule stay this run's. Returns whether the moments were taken."""
+        current = self.optimizer.state_dict()
+        shapes = [(g.get("name"), len(g["params"])) for g in current["param_groups"]]
+        if shapes != [(g.get("name"), len(g["params"])) for g in earlier.get("param_groups", [])]:
+            return False
+        self.optimizer.load_state_dict({"state": earlier["state"], "param_groups": current["param_groups"]})
+        return True
 
     def request_stop(self, reason: str) -> None:
         """Ends the run after the current step: the epoch so far is recorded and checkpointed as a
