@@ -218,7 +218,9 @@ class MedTLExtensionWidget(WidgetLifecycleMixin, ScriptedLoadableModuleWidget, V
 
     def onLearnButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not start learning from the painted slices."), waitCursor=True):
-            ensure_dependencies()
+            if ensure_dependencies().installed:
+                # An engine started before the installation would run with what was there before.
+                self.logic.warmEngine.kill()
             p = self._parameterNode
             options = LearningOptions(
                 device=usable_device(p.device),

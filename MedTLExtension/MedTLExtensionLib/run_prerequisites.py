@@ -26,8 +26,10 @@ from .i18n import tr as _
 _warned_devices: set[str] = set()
 
 
-def ensure_dependencies(feature: str = "learn") -> None:
-    """Installs what ``feature`` needs after one confirmation; offers a restart if loaded packages changed."""
+def ensure_dependencies(feature: str = "learn"):
+    """Installs what ``feature`` needs after one confirmation; offers a restart if loaded packages
+    changed. Returns what :func:`dependencies.ensure_dependencies` did (``installed`` lists the
+    packages installed now)."""
 
     def install_torch(torch_requirement: str, torchvision_requirement: str) -> bool:
         import PyTorchUtils
@@ -53,6 +55,7 @@ def ensure_dependencies(feature: str = "learn") -> None:
         windowTitle=_("MedTL: restart needed"),
     ):
         slicer.util.restart()
+    return result
 
 
 def ensure_default_weights(network: str, pretrained: str = "imagenet") -> None:

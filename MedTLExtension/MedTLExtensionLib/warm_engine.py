@@ -85,9 +85,11 @@ class WarmEngine:
         return self.alive and self.process.send(request)
 
     def kill(self) -> None:
-        """Kills the engine's process tree now; the next round starts a fresh engine."""
-        if self.process is not None:
-            self.process.kill()
+        """Kills the engine's process tree now; the next round starts a fresh engine (at once: the
+        killed one is forgotten, not waited for)."""
+        process, self.process = self.process, None
+        if process is not None:
+            process.kill()
 
     def shutdown(self) -> None:
         """Asks the engine to exit (the module's cleanup); kills it if a round is still running."""

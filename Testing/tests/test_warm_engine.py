@@ -181,3 +181,35 @@ def test_the_preview_overlay_updates_one_slice_in_place_and_goes(scene_with_pain
         overlay.show(volume, axis=0, index=3, plane=np.zeros((5, 5), np.uint8))
     overlay.clear()
     assert headless.scene.GetNodeByID(node.GetID()) is None and overlay.node is None
+
+
+class FakeEngineProcess:
+    """An engine that takes its time to die after a kill, as a real process tree does."""
+
+    def __init__(self, args) -> None:
+        self.args, self.sent, self.killed, self.log = list(args), [], False, ""
+
+    @property
+    def returncode(self):
+        return None  # still running: the kill has not landed yet
+
+    def poll(self):
+        return []
+
+    def send(self, request) -> bool:
+        self.sent.append(dict(request))
+        return True
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+def test_a_killed_engine_is_replaced_at_once_not_sent_the_next_round():
+    started: list[FakeEngineProcess] = []
+    warm = WarmEngine(starter=lambda args: started.append(FakeEngineProcess(args)) or started[-1])
+    warm.start()
+    assert started[0].args[:1] == ["serve"] and warm.starts == 1
+    warm.kill()  # new packages were installed: the old engine must not take the next round
+    warm.round({"request": "learn"})
+    assert started[0].killed and started[0].sent == []
+    assert warm.starts == 2 and started[1].sent[0]["request"] == "learn" and started[1].sent[0]["id"] == "round-1"
