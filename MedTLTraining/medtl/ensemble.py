@@ -34,7 +34,7 @@ import torch
 from medtl.config import RunConfig
 from medtl.data.io import array_like, replace_directory, sha256_file
 from medtl.errors import DataError, WeightsError
-from medtl.package import PackageLabels
+from medtl.manifest import MANIFEST, PackageLabels, read_manifest, versions
 
 COMBINE = ("mean", "vote")
 UNCERTAINTY = ("entropy", "variance", "mutual_information")
@@ -81,8 +81,6 @@ def save_ensemble(
 
     Members must agree on the task and the label values and names.
     """
-    from medtl.package import MANIFEST, read_manifest
-
     if combine not in COMBINE:
         raise DataError(f"ensemble combine '{combine}': choose from {', '.join(COMBINE)}")
     members = [Path(m) for m in members]
@@ -146,7 +144,6 @@ def _ensemble_manifest(
 ) -> dict[str, Any]:
     """The ensemble's own manifest: the first member's task, labels and preprocessing, and the
     training data of all members."""
-    from medtl.package import versions
     from medtl.provenance import combined_sha256
 
     first = manifests[0]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import platform
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -32,13 +31,12 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file, save_file
 
-import medtl
 from medtl.config import RunConfig
 from medtl.data.geometry import SLICE_AXES, from_canonical, to_canonical
 from medtl.data.io import array_like, replace_directory, resample_like, resample_to_spacing, sha256_file
 from medtl.data.presets import intensity_transform
 from medtl.errors import DataError, WeightsError
-from medtl.manifest import MANIFEST, WEIGHTS, read_manifest  # noqa: F401 - medtl.package's names for them
+from medtl.manifest import MANIFEST, WEIGHTS, PackageLabels, read_manifest, versions
 from medtl.models.registry import TransferNet, build_model
 
 FORMAT_VERSION = 2
@@ -73,20 +71,6 @@ def label_table(names: Sequence[str]) -> list[dict[str, Any]]:
     for i, name in enumerate(names, start=1):
         table.append({"value": i, "name": name, "color": list(DEFAULT_COLOURS[(i - 1) % len(DEFAULT_COLOURS)])})
     return table
-
-
-class PackageLabels:
-    """Label values, names and colours as a package's manifest lists them (single models and
-    ensembles alike)."""
-
-    manifest: dict[str, Any]
-
-    @property
-    def labels(self) -> list[dict[str, Any]]:
-        return self.manifest["labels"]
-
-    def segments(self) -> list[tuple[int, str, tuple[float, float, float]]]:
-        return [(e["value"], e["name"], tuple(e["color"])) for e in self.labels if e["value"] != 0]
 
 
 @dataclass
@@ -127,20 +111,6 @@ class ModelPackage(PackageLabels):
                 "to it first ('medtl adapt --domain')"
             )
         return use_domain(self.model, self.domains.index(domain))
-
-
-def versions() -> dict[str, str]:
-    import monai
-    import torchvision
-
-    return {
-        "medtl": medtl.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "monai": monai.__version__,
-        "SimpleITK": sitk.Version.VersionString(),
-        "python": platform.python_version(),
-    }
 
 
 def save_package(
