@@ -10,12 +10,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import synthetic_case
+from medtl.any_package import classify_image, describe, load_package, segment_image
 from medtl.cli import main
 from medtl.config import RunConfig
 from medtl.ensemble import combine_probabilities, ensemble_uncertainty, save_ensemble
 from medtl.errors import DataError, WeightsError
 from medtl.models.registry import build_model
-from medtl.package import classify_image, describe, load_package, save_package, segment_image
+from medtl.package import save_package
 
 
 def _member(path, *, seed: int, name="unet_resnet18", preset="ct_abdomen", labels=("disc", "blob"), task=None):
