@@ -194,8 +194,12 @@ def load_package(path: str | Path) -> ModelPackage:
     path = Path(path)
     manifest, signature = read_verified_manifest(path)
     if manifest.get("ensemble"):
-        # An ensemble member that is itself an ensemble: save_ensemble refuses to write one.
-        raise DataError(f"{path} is an ensemble package; an ensemble's members are single networks")
+        # Reached by an ensemble member that is itself an ensemble (save_ensemble never writes one)
+        # or by a caller that wanted any package.
+        raise DataError(
+            f"{path} is an ensemble package, not one network's: medtl.any_package.load_package loads it "
+            "(an ensemble's members are single networks)"
+        )
     return load_network_package(path, manifest, signature)
 
 

@@ -101,6 +101,18 @@ def test_mismatched_members_and_tampered_files_are_refused(tmp_path):
         load_package(ensemble)
 
 
+def test_the_one_network_loader_sends_an_ensemble_to_any_package(tmp_path):
+    """medtl.package loads one network's package (and an ensemble's members); an ensemble handed to
+    it is refused with the loader that takes it, not loaded half-way."""
+    import medtl.package
+
+    a = _member(tmp_path / "a", seed=0)
+    ensemble = save_ensemble(tmp_path / "e", [a, a])
+    with pytest.raises(DataError, match="is an ensemble package.*medtl.any_package.load_package"):
+        medtl.package.load_package(ensemble)
+    assert len(load_package(ensemble).members) == 2
+
+
 def test_a_classifier_ensemble_averages_class_probabilities(tmp_path):
     a = _member(tmp_path / "a", seed=0, name="cls_mobilenet_v2", preset="xray", labels=("normal", "lesion"))
     b = _member(tmp_path / "b", seed=1, name="cls_mobilenet_v2", preset="xray", labels=("normal", "lesion"))
