@@ -437,7 +437,7 @@ def run_drift(
 ) -> dict[str, Any]:
     """Profiles ``data_csv``'s images, compares them with the package's reference (or with
     ``reference_csv``'s images), writes ``drift.json`` and ``drift.png`` and returns the result."""
-    from medtl.package import load_package
+    from medtl.any_package import load_package
 
     package = load_package(package_path)
     if reference_csv:

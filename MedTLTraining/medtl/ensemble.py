@@ -2,8 +2,10 @@
 cross-validation) combined into one package, with an uncertainty volume beside the prediction.
 
 An ensemble package holds copies of its members (``members/0``, ``members/1`` …) and a manifest
-naming how they are combined; ``load_package`` returns an :class:`EnsemblePackage`, and
-``segment_image`` / ``classify_image`` / ``medtl predict`` / the Slicer module use it unchanged.
+naming how they are combined; :func:`medtl.any_package.load_package` returns an
+:class:`EnsemblePackage`, and :mod:`medtl.any_package`'s ``segment_image`` / ``classify_image``,
+``medtl predict`` and the Slicer module use it unchanged. Members are single networks, loaded and
+run by :mod:`medtl.package`.
 Each member predicts with its own preprocessing (members may differ in preset, spacing, even 2D
 against 3D) and the ensemble combines their probabilities on the input image's grid:
 
@@ -34,7 +36,15 @@ import torch
 from medtl.config import RunConfig
 from medtl.data.io import array_like, replace_directory, sha256_file
 from medtl.errors import DataError, WeightsError
-from medtl.package import PackageLabels
+from medtl.manifest import MANIFEST, PackageLabels, read_manifest, versions
+from medtl.package import (
+    ModelPackage,
+    classify_image,
+    load_package,
+    require_classifier,
+    require_segmentation,
+    segment_image,
+)
 
 COMBINE = ("mean", "vote")
 UNCERTAINTY = ("entropy", "variance", "mutual_information")
@@ -44,7 +54,7 @@ UNCERTAINTY = ("entropy", "variance", "mutual_information")
 class EnsemblePackage(PackageLabels):
     path: Path
     manifest: dict[str, Any]
-    members: list  # ModelPackage
+    members: list[ModelPackage]
 
     @property
     def config(self) -> RunConfig:
@@ -81,8 +91,6 @@ def save_ensemble(
 
     Members must agree on the task and the label values and names.
     """
-    from medtl.package import MANIFEST, read_manifest
-
     if combine not in COMBINE:
         raise DataError(f"ensemble combine '{combine}': choose from {', '.join(COMBINE)}")
     members = [Path(m) for m in members]
@@ -146,7 +154,6 @@ def _ensemble_manifest(
 ) -> dict[str, Any]:
     """The ensemble's own manifest: the first member's task, labels and preprocessing, and the
     training data of all members."""
-    from medtl.package import versions
     from medtl.provenance import combined_sha256
 
     first = manifests[0]
@@ -173,9 +180,8 @@ def _ensemble_manifest(
 
 
 def load_ensemble(path: Path, manifest: dict[str, Any]) -> EnsemblePackage:
-    """The ensemble at ``path`` (its manifest already read); every member is hash-checked."""
-    from medtl.package import load_package
-
+    """The ensemble at ``path`` (its manifest already read and its signature verified, see
+    :func:`medtl.package.read_verified_manifest`); every member is hash-checked and verified."""
     for name, expected in manifest.get("files", {}).items():
         file = path / name
         if not file.is_file():
@@ -228,8 +234,7 @@ def segment_members(
     domain: str | None = None,
 ) -> tuple[sitk.Image, np.ndarray, list[np.ndarray]]:
     """Label image, ensemble probabilities and each member's probabilities, on ``image``'s grid."""
-    from medtl.package import segment_image
-
+    require_segmentation(ensemble)
     member_probs = []
     for i, member in enumerate(ensemble.members):
         if events is not None:
@@ -242,8 +247,7 @@ def segment_members(
 def classify_members(
     ensemble: EnsemblePackage, image: sitk.Image, *, device: str | torch.device = "cpu", domain: str | None = None
 ) -> dict[str, float]:
-    from medtl.package import classify_image
-
+    require_classifier(ensemble)
     names = ensemble.config.data.label_names
     member_probs = []
     for member in ensemble.members:

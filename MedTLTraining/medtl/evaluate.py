@@ -182,11 +182,11 @@ def evaluate_cases(
     so the metrics are those a user of the package would see. ``domain_column`` names each case's
     domain for a package with one BatchNorm per domain.
     """
+    from medtl.any_package import classify_image, segment_image
     from medtl.case_data import case_label_image, class_target
     from medtl.data.checks import read_checked_image
     from medtl.data.partial_labels import UNKNOWN
     from medtl.errors import DataError
-    from medtl.package import classify_image, segment_image
     from medtl.provenance import path_sha256
 
     cfg = package.config

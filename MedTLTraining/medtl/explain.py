@@ -199,7 +199,8 @@ def gradcam_image(
     ``class_index``: a classifier's class index (default: the predicted class), or a segmentation
     label value (default 1).
     """
-    from medtl.package import classify_image, on_input_grid, preprocess, working_image
+    from medtl.any_package import classify_image
+    from medtl.package import on_input_grid, preprocess, working_image
 
     if hasattr(package, "members"):
         # An ensemble looks where its members look: the mean of their maps, rescaled. Every member

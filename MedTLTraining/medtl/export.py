@@ -252,7 +252,8 @@ def export_package(
     ``out_dir`` must not exist or be empty: it appears whole (built beside it, then renamed).
     Raises :class:`ExportParityError` (after writing everything) when an export disagrees.
     """
-    from medtl.package import load_package, versions
+    from medtl.any_package import load_package
+    from medtl.manifest import versions
 
     formats = list(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in FORMATS]

@@ -1,4 +1,6 @@
-"""The model package: one directory that ``predict``, ``export`` and the Slicer module load.
+"""One network's model package: one directory that ``predict``, ``export`` and the Slicer module
+load. (An ensemble of such packages is :mod:`medtl.ensemble`'s; :mod:`medtl.any_package` loads and
+runs either.)
 
 Contents: ``model.safetensors`` (weights), ``medtl_package.json`` (the run configuration, the
 preprocessing, label values with names and colours, training-data hashes, metrics, software
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import platform
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -32,13 +33,12 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file, save_file
 
-import medtl
 from medtl.config import RunConfig
 from medtl.data.geometry import SLICE_AXES, from_canonical, to_canonical
 from medtl.data.io import array_like, replace_directory, resample_like, resample_to_spacing, sha256_file
 from medtl.data.presets import intensity_transform
 from medtl.errors import DataError, WeightsError
-from medtl.manifest import MANIFEST, WEIGHTS, read_manifest  # noqa: F401 - medtl.package's names for them
+from medtl.manifest import MANIFEST, WEIGHTS, PackageLabels, read_manifest, versions
 from medtl.models.registry import TransferNet, build_model
 
 FORMAT_VERSION = 2
@@ -73,20 +73,6 @@ def label_table(names: Sequence[str]) -> list[dict[str, Any]]:
     for i, name in enumerate(names, start=1):
         table.append({"value": i, "name": name, "color": list(DEFAULT_COLOURS[(i - 1) % len(DEFAULT_COLOURS)])})
     return table
-
-
-class PackageLabels:
-    """Label values, names and colours as a package's manifest lists them (single models and
-    ensembles alike)."""
-
-    manifest: dict[str, Any]
-
-    @property
-    def labels(self) -> list[dict[str, Any]]:
-        return self.manifest["labels"]
-
-    def segments(self) -> list[tuple[int, str, tuple[float, float, float]]]:
-        return [(e["value"], e["name"], tuple(e["color"])) for e in self.labels if e["value"] != 0]
 
 
 @dataclass
@@ -127,20 +113,6 @@ class ModelPackage(PackageLabels):
                 "to it first ('medtl adapt --domain')"
             )
         return use_domain(self.model, self.domains.index(domain))
-
-
-def versions() -> dict[str, str]:
-    import monai
-    import torchvision
-
-    return {
-        "medtl": medtl.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "monai": monai.__version__,
-        "SimpleITK": sitk.Version.VersionString(),
-        "python": platform.python_version(),
-    }
 
 
 def save_package(
@@ -206,18 +178,34 @@ def save_package(
     return path
 
 
-def load_package(path: str | Path) -> ModelPackage:
-    """Loads a package after checking every listed file's sha256 (an ensemble package gives an
-    :class:`~medtl.ensemble.EnsemblePackage`)."""
+def read_verified_manifest(path: Path) -> tuple[dict[str, Any], str]:
+    """The manifest of the package at ``path`` and its signature status, after
+    :func:`medtl.signing.verify_package` (a package edited after signing is refused here): the first
+    step of loading any package, one network's or an ensemble's."""
     from medtl.signing import verify_package
 
-    path = Path(path)
     manifest = read_manifest(path)
-    signature = verify_package(path)  # a package edited after signing is refused here
-    if manifest.get("ensemble"):
-        from medtl.ensemble import load_ensemble
+    return manifest, verify_package(path)
 
-        return load_ensemble(path, manifest)
+
+def load_package(path: str | Path) -> ModelPackage:
+    """Loads one network's package after checking every listed file's sha256 (any package, an
+    ensemble too: :func:`medtl.any_package.load_package`)."""
+    path = Path(path)
+    manifest, signature = read_verified_manifest(path)
+    if manifest.get("ensemble"):
+        # Reached by an ensemble member that is itself an ensemble (save_ensemble never writes one)
+        # or by a caller that wanted any package.
+        raise DataError(
+            f"{path} is an ensemble package, not one network's: medtl.any_package.load_package loads it "
+            "(an ensemble's members are single networks)"
+        )
+    return load_network_package(path, manifest, signature)
+
+
+def load_network_package(path: Path, manifest: dict[str, Any], signature: str) -> ModelPackage:
+    """One network's package, its manifest read and its signature verified
+    (:func:`read_verified_manifest`): every listed file is hash-checked before the weights load."""
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise DataError(f"{path}: package format {manifest['format_version']} is newer than this MedTL understands")
     for name, expected in manifest.get("files", {}).items():
@@ -299,6 +287,20 @@ def preprocess(
     return np.asarray(intensity_transform(pre.preset, pre.window, equalize=pre.equalize)(array), dtype=np.float32)
 
 
+def require_segmentation(package) -> RunConfig:
+    """The configuration of ``package`` (one network's or an ensemble's), refused if it classifies."""
+    if package.config.is_classification:
+        raise DataError(f"{package.path} is a classifier; it gives class probabilities, not a segmentation")
+    return package.config
+
+
+def require_classifier(package) -> RunConfig:
+    """The configuration of ``package`` (one network's or an ensemble's), refused if it segments."""
+    if not package.config.is_classification:
+        raise DataError(f"{package.path} is a segmentation model; use it to segment, not to classify")
+    return package.config
+
+
 def segment_image(
     package: ModelPackage,
     image: sitk.Image,
@@ -307,17 +309,12 @@ def segment_image(
     events=None,
     domain: str | None = None,
 ) -> tuple[sitk.Image, np.ndarray]:
-    """Label image (the input's geometry exactly) and softmax probabilities (C, z, y, x).
+    """Label image (the input's geometry exactly) and softmax probabilities (C, z, y, x) from one
+    network's package (any package: :func:`medtl.any_package.segment_image`).
 
     ``domain``: the image's domain for a domain-specific BatchNorm package.
     """
-    cfg = package.config
-    if cfg.is_classification:
-        raise DataError(f"{package.path} is a classifier; it gives class probabilities, not a segmentation")
-    if hasattr(package, "members"):
-        from medtl.ensemble import segment_members
-
-        return segment_members(package, image, device=device, events=events, domain=domain)[:2]
+    cfg = require_segmentation(package)
     with package.domain_context(domain):
         return segment_with_network(cfg, package.model, image, device=device, events=events)
 
@@ -353,16 +350,11 @@ def segment_with_network(
 def classify_image(
     package: ModelPackage, image: sitk.Image, *, device: str | torch.device = "cpu", domain: str | None = None
 ) -> dict[str, float]:
-    """Class probabilities of one image (softmax, or one sigmoid per class when multi-label)."""
+    """Class probabilities of one image (softmax, or one sigmoid per class when multi-label) from one
+    network's package (any package: :func:`medtl.any_package.classify_image`)."""
     from medtl.infer import predict_class_probabilities
 
-    cfg = package.config
-    if not cfg.is_classification:
-        raise DataError(f"{package.path} is a segmentation model; use it to segment, not to classify")
-    if hasattr(package, "members"):
-        from medtl.ensemble import classify_members
-
-        return classify_members(package, image, device=device, domain=domain)
+    cfg = require_classifier(package)
     array = preprocess(image, cfg, ndim=cfg.spatial_dims)
     with package.domain_context(domain):
         probs = predict_class_probabilities(
@@ -371,9 +363,9 @@ def classify_image(
     return {name: float(p) for name, p in zip(cfg.data.label_names, probs, strict=True)}
 
 
-def describe(path: str | Path) -> str:
-    """A human-readable summary of a package (``medtl info``)."""
-    m = read_manifest(path)
+def summary_lines(path: str | Path, m: dict[str, Any]) -> list[str]:
+    """What ``medtl info`` says first of the package at ``path`` (manifest ``m``): the network,
+    preprocessing, labels, origin and training data."""
     lines = [
         f"MedTL model package: {Path(path)}",
         f"  model:         {m['model']['name']} ({m['model']['spatial_dims']}D, {m['model']['num_classes']} outputs, "
@@ -394,10 +386,12 @@ def describe(path: str | Path) -> str:
         lines.append(f"  provenance:    {provenance['cases']} case(s)" + (f" ({groups})" if groups else ""))
     if "drift_reference.json" in m.get("files", {}):
         lines.append("  drift profile: of the training images (medtl drift)")
-    if m.get("ensemble"):
-        from medtl.ensemble import describe_ensemble
+    return lines
 
-        lines += describe_ensemble(m)
+
+def adaptation_and_metrics_lines(m: dict[str, Any]) -> list[str]:
+    """What ``medtl info`` says last of a package (manifest ``m``): its adaptation steps and metrics."""
+    lines = []
     for step in m.get("adaptation", []):
         target = step.get("target", {})
         lines.append(
@@ -408,4 +402,4 @@ def describe(path: str | Path) -> str:
         )
     if m.get("metrics"):
         lines.append("  metrics:       " + json.dumps(m["metrics"], sort_keys=True)[:400])
-    return "\n".join(lines)
+    return lines

@@ -22,8 +22,8 @@ def run_report(
 ) -> Path:
     """``report.html`` and ``model_card.json`` of a training run: provenance, the held-out cases
     scored by the package as ``medtl evaluate`` would (with intervals), curves, limitations."""
+    from medtl.any_package import load_package
     from medtl.evaluate import evaluate_cases, summarise
-    from medtl.package import load_package
     from medtl.provenance import data_provenance, group_columns
     from medtl.report import evaluation_figures, model_card, training_curves_png, write_report
 

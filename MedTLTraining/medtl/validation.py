@@ -141,8 +141,8 @@ def evaluate_package(
     events: EventSink | None = None,
 ) -> dict[str, Any]:
     """Scores a package on every case of a labelled CSV; writes the evaluation, card and report."""
+    from medtl.any_package import load_package
     from medtl.evaluate import evaluate_cases, summarise
-    from medtl.package import load_package
     from medtl.train import resolve_device
 
     events = events or EventSink()
@@ -315,8 +315,8 @@ def _fold_records(
 ) -> list[dict[str, Any]]:
     """The fold's test records: trained, scored and reported now, or read back from a finished
     fold when resuming."""
+    from medtl.any_package import load_package
     from medtl.evaluate import evaluate_cases, summarise
-    from medtl.package import load_package
     from medtl.pipeline import run_training
 
     done_file = fold.run_dir / "fold_evaluation.json"
@@ -364,7 +364,7 @@ def _pooled_report(
 ) -> Path:
     """The cross-validation's report and model card: every case, scored by the fold that did not
     train on it."""
-    from medtl.package import load_package
+    from medtl.any_package import load_package
 
     folds, group_column, per_fold = result["folds"], result["group_column"], result["per_fold"]
     manifest = load_package(first_package).manifest

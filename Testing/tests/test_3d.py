@@ -3,9 +3,9 @@
 import numpy as np
 import SimpleITK as sitk
 from conftest import BrightIsObject, physical_centroid, synthetic_case, tiny_config
+from medtl.any_package import load_package, segment_image
 from medtl.config import RunConfig
 from medtl.events import EventSink
-from medtl.package import load_package, segment_image
 from medtl.pipeline import run_training
 
 

@@ -15,12 +15,13 @@ from medtl.adaptation.adapt_package import statistics_pass, target_record
 from medtl.adaptation.batchnorm import adapt_batchnorm, batchnorm_layers
 from medtl.adaptation.dann import DomainAdversary, ramp, reverse_gradient
 from medtl.adaptation.dsbn import DomainBatchNorm, DomainBatchSampler, add_domain, convert_to_dsbn, use_domain
+from medtl.any_package import load_package
 from medtl.cli import main
 from medtl.config import RunConfig
 from medtl.errors import ConfigError, DataError
 from medtl.events import EventSink
 from medtl.models.registry import build_model
-from medtl.package import load_package, save_package
+from medtl.package import save_package
 from medtl.pipeline import run_training
 from medtl.provenance import combined_sha256
 from medtl.train import fit

@@ -20,16 +20,6 @@ def engine_modules() -> dict[str, Path]:
     return {module_name(path): path for path in sorted(ENGINE.rglob("*.py"))}
 
 
-# Function-level edges that still close a cycle, each with the reason it is not broken yet. The
-# test fails once an edge is gone, so that it leaves this list too.
-KNOWN_FUNCTION_LEVEL_EDGES = {
-    # load_package, segment_image, classify_image and describe hand an ensemble package to
-    # medtl.ensemble, whose load_ensemble loads each member with load_package: a true mutual
-    # recursion that needs the member loader passed into medtl.ensemble to go away.
-    ("medtl.package", "medtl.ensemble"),
-}
-
-
 def _type_checking_only(node: ast.AST) -> bool:
     """``if TYPE_CHECKING:`` blocks run under a type checker only, never at import."""
     return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
@@ -104,13 +94,10 @@ def test_find_cycle_reports_the_modules_along_it():
 
 
 def test_no_import_cycles_among_engine_modules():
-    """Module-level and function-level imports alike: a function-level import only hides a cycle
-    until that function runs. Only the edges of KNOWN_FUNCTION_LEVEL_EDGES are left out."""
+    """Module-level and function-level imports alike, without exceptions: a function-level import
+    only hides a cycle until that function runs."""
     graph = import_graph()
     assert "medtl.cli" in graph and graph["medtl.cli"], "the import graph was not read"
-    for source, target in KNOWN_FUNCTION_LEVEL_EDGES:
-        assert target in graph[source], f"{source} no longer imports {target}: drop it from KNOWN_FUNCTION_LEVEL_EDGES"
-        graph[source] = graph[source] - {target}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 

@@ -10,12 +10,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import synthetic_case
+from medtl.any_package import classify_image, describe, load_package, segment_image
 from medtl.cli import main
 from medtl.config import RunConfig
 from medtl.ensemble import combine_probabilities, ensemble_uncertainty, save_ensemble
 from medtl.errors import DataError, WeightsError
 from medtl.models.registry import build_model
-from medtl.package import classify_image, describe, load_package, save_package, segment_image
+from medtl.package import save_package
 
 
 def _member(path, *, seed: int, name="unet_resnet18", preset="ct_abdomen", labels=("disc", "blob"), task=None):
@@ -98,6 +99,18 @@ def test_mismatched_members_and_tampered_files_are_refused(tmp_path):
     manifest.write_text(manifest.read_text(encoding="utf-8").replace('"disc"', '"DISC"'))
     with pytest.raises(WeightsError, match="sha256 does not match the ensemble manifest"):
         load_package(ensemble)
+
+
+def test_the_one_network_loader_sends_an_ensemble_to_any_package(tmp_path):
+    """medtl.package loads one network's package (and an ensemble's members); an ensemble handed to
+    it is refused with the loader that takes it, not loaded half-way."""
+    import medtl.package
+
+    a = _member(tmp_path / "a", seed=0)
+    ensemble = save_ensemble(tmp_path / "e", [a, a])
+    with pytest.raises(DataError, match="is an ensemble package.*medtl.any_package.load_package"):
+        medtl.package.load_package(ensemble)
+    assert len(load_package(ensemble).members) == 2
 
 
 def test_a_classifier_ensemble_averages_class_probabilities(tmp_path):

@@ -10,12 +10,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 from conftest import synthetic_case, tiny_config
+from medtl.any_package import load_package
 from medtl.cli import main
 from medtl.config import RunConfig
 from medtl.errors import DataError
 from medtl.events import EventSink
 from medtl.explain import gradcam_image
-from medtl.package import load_package
 from medtl.pipeline import run_training
 
 

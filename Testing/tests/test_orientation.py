@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import BrightIsObject, physical_centroid
+from medtl.any_package import segment_image
 from medtl.config import RunConfig
 from medtl.data.geometry import from_canonical, orientation_of, to_canonical
-from medtl.package import FORMAT_VERSION, ModelPackage, package_config, segment_image
+from medtl.package import FORMAT_VERSION, ModelPackage, package_config
 
 
 def sagittal_oblique_image() -> tuple[sitk.Image, np.ndarray]:

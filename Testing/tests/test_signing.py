@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from medtl.any_package import load_package
 from medtl.errors import WeightsError
-from medtl.package import load_package
 from medtl.signing import SIGNATURE, verify_package
 from test_bad_input import cli, fingerprint
 

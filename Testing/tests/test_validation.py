@@ -294,7 +294,7 @@ def test_cross_validation_keeps_patients_whole_and_resumes(tmp_path, grouped_dat
         assert fold_card["evaluation_data"]["cases"] == 2 and fold_card["metrics"]["cases"] == 2
     assert [f["test_cases"] for f in result["per_fold"]] == [2, 2, 2]
     # The three fold models, joined: one package that predicts on an unseen image.
-    from medtl.package import load_package, segment_image
+    from medtl.any_package import load_package, segment_image
 
     ensemble = load_package(out / "ensemble")
     assert len(ensemble.members) == 3 and result["ensemble"] == str(out / "ensemble")

@@ -8,7 +8,8 @@ records the method and the target data by hash (no file names: they may identify
 Example:
     >>> import tempfile, SimpleITK as sitk
     >>> from medtl.models.registry import build_model
-    >>> from medtl.package import load_package, save_package
+    >>> from medtl.any_package import load_package
+    >>> from medtl.package import save_package
     >>> d = tempfile.mkdtemp()
     >>> cfg = RunConfig.from_dict({"model": {"name": "unet_resnet18", "pretrained": "none"}})
     >>> source = save_package(f"{d}/site_a", build_model("unet_resnet18", num_classes=2), cfg)
@@ -90,7 +91,8 @@ def adapt_package(
 ) -> Path:
     """Writes ``out``: the package at ``package_path`` with BatchNorm statistics re-estimated on
     ``images`` (AdaBN). ``domain`` names the target domain of a DSBN package (required there)."""
-    from medtl.package import load_package, save_package
+    from medtl.any_package import load_package
+    from medtl.package import save_package
 
     package = load_package(package_path)
     cfg, model, manifest = package.config, package.model, package.manifest

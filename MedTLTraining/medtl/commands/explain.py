@@ -26,9 +26,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medtl.any_package import load_package
     from medtl.data.io import read_image, write_image
     from medtl.explain import gradcam_image
-    from medtl.package import load_package
     from medtl.train import resolve_device
 
     check_image_outputs({"--out": args.out}, [args.image, args.model])

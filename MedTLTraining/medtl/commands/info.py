@@ -12,7 +12,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medtl.package import describe
+    from medtl.any_package import describe
     from medtl.signing import verify_package
 
     print(describe(args.package))

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace, events: EventSink) -> int:
     """``medtl predict``'s work, also ``medtl train --predict``'s with the new package."""
-    from medtl.package import load_package
+    from medtl.any_package import load_package
     from medtl.train import resolve_device
 
     package = load_package(args.model)
@@ -81,8 +81,8 @@ def _checked_input(args: argparse.Namespace, package):
 def _classify(args: argparse.Namespace, package, image, device, events: EventSink) -> int:
     import json
 
+    from medtl.any_package import classify_image
     from medtl.data.io import atomic_write_text
-    from medtl.package import classify_image
 
     if args.probabilities or args.uncertainty:
         raise DataError(
@@ -112,7 +112,7 @@ def _segment(args: argparse.Namespace, package, image, device, events: EventSink
             raise DataError(
                 f"--uncertainty-kind {args.uncertainty_kind} needs an ensemble package; one model has entropy"
             )
-        from medtl.package import segment_image
+        from medtl.any_package import segment_image
 
         labels, probs = segment_image(package, image, device=device, events=events, domain=args.domain)
     out = Path(args.out)
