@@ -80,7 +80,7 @@ STRATEGIES = (
 )
 PRESETS = ("auto", "ct_abdomen", "ct_liver", "ct_lung", "ct_bone", "ct_brain", "mri", "mri_zscore", "xray", "none")
 AUGMENTATIONS = ("light", "standard", "strong", "none")
-LOSSES = ("dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal")
+LOSSES = ("dice_ce", "dice", "ce", "ce_weighted", "dice_ce_weighted", "focal", "dice_focal")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 CONFIG_NAME = "config.json"

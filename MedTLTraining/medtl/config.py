@@ -27,8 +27,8 @@ Strategy = Literal[
 ]
 Preset = Literal["ct_abdomen", "ct_liver", "ct_lung", "ct_bone", "ct_brain", "mri", "mri_zscore", "xray", "none"]
 Augmentation = Literal["none", "light", "standard", "strong"]
-Loss = Literal["dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal", "bce"]
-SEGMENTATION_LOSSES = ("dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal")
+Loss = Literal["dice_ce", "dice", "ce", "ce_weighted", "dice_ce_weighted", "focal", "dice_focal", "bce"]
+SEGMENTATION_LOSSES = ("dice_ce", "dice", "ce", "ce_weighted", "dice_ce_weighted", "focal", "dice_focal")
 CLASSIFICATION_LOSSES = ("ce", "ce_weighted", "focal", "bce")
 Device = Literal["auto", "cpu", "cuda", "mps"]
 SlicePlane = Literal["axial", "coronal", "sagittal"]

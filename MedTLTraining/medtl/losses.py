@@ -24,7 +24,9 @@ import torch
 
 from medtl.data.partial_labels import UNKNOWN
 
-SEGMENTATION = ("dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal")
+SEGMENTATION = ("dice_ce", "dice", "ce", "ce_weighted", "dice_ce_weighted", "focal", "dice_focal")
+# Losses whose cross-entropy term weighs each class by the training labels (see class_weights).
+WEIGHTED = ("ce_weighted", "dice_ce_weighted")
 
 
 def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> torch.Tensor:
@@ -59,15 +61,16 @@ def make_loss(
         raise ValueError(f"unknown classification loss '{name}'")
     if name not in SEGMENTATION:
         raise ValueError(f"unknown loss '{name}'")
-    return PartialLabelLoss(name, weights=_required(weights) if name == "ce_weighted" else None)
+    return PartialLabelLoss(name, weights=_required(weights) if name in WEIGHTED else None)
 
 
 class PartialLabelLoss(torch.nn.Module):
     """Dice, cross entropy, focal loss or a sum of two, over the annotated voxels only.
 
     Args:
-        name: ``dice_ce``, ``dice``, ``ce``, ``ce_weighted``, ``focal`` or ``dice_focal``.
-        weights: per-class weights of ``ce_weighted``.
+        name: ``dice_ce``, ``dice``, ``ce``, ``ce_weighted``, ``dice_ce_weighted``, ``focal`` or
+            ``dice_focal``.
+        weights: per-class weights of the cross entropy of ``ce_weighted`` and ``dice_ce_weighted``.
     """
 
     def __init__(self, name: str, *, weights: torch.Tensor | None = None) -> None:
@@ -103,7 +106,7 @@ class PartialLabelLoss(torch.nn.Module):
 
 def _required(weights: torch.Tensor | None) -> torch.Tensor:
     if weights is None:
-        raise ValueError("ce_weighted needs class weights from the training labels")
+        raise ValueError("a weighted loss needs class weights from the training labels")
     return weights
 
 

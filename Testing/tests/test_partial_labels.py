@@ -21,7 +21,7 @@ from medtl.losses import class_weights, make_loss
 from medtl.pipeline import load_case_arrays, training_items
 
 
-@pytest.mark.parametrize("name", ["dice_ce", "dice", "ce", "ce_weighted", "focal", "dice_focal"])
+@pytest.mark.parametrize("name", ["dice_ce", "dice", "ce", "ce_weighted", "dice_ce_weighted", "focal", "dice_focal"])
 def test_unknown_voxels_push_no_gradient_and_do_not_change_the_loss(name):
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 12, 12, requires_grad=True)
@@ -54,6 +54,23 @@ def test_without_unknown_voxels_the_loss_is_monais_dice_ce():
     label = torch.randint(0, 3, (3, 1, 16, 16))
     ours = make_loss("dice_ce")(logits, label)
     assert ours.item() == pytest.approx(DiceCELoss(to_onehot_y=True, softmax=True)(logits, label).item(), rel=1e-6)
+
+
+def test_dice_ce_weighted_is_monais_dice_plus_class_weighted_cross_entropy():
+    from monai.losses import DiceLoss
+
+    torch.manual_seed(2)
+    logits = torch.randn(3, 3, 16, 16)
+    label = torch.randint(0, 3, (3, 1, 16, 16))
+    weights = torch.tensor([0.5, 1.0, 4.0])
+    ours = make_loss("dice_ce_weighted", weights=weights)(logits, label)
+    dice = DiceLoss(to_onehot_y=True, softmax=True)(logits, label)
+    weighted_ce = torch.nn.functional.cross_entropy(logits, label[:, 0], weight=weights)
+    assert ours.item() == pytest.approx((dice + weighted_ce).item(), rel=1e-6)
+    # The weights are what sets it apart from dice_ce: a missed rare class costs more.
+    assert ours.item() != pytest.approx(make_loss("dice_ce")(logits, label).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="class weights"):
+        make_loss("dice_ce_weighted")
 
 
 def test_a_batch_with_nothing_annotated_costs_zero_not_nan():

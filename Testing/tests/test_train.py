@@ -166,3 +166,16 @@ def test_training_samples_are_the_pixels_without_monai_metadata():
     torch.testing.assert_close(sample["image"], with_metadata["image"].as_tensor())
     torch.testing.assert_close(sample["label"], with_metadata["label"].as_tensor())
     assert get_track_meta()  # switched off for the training transforms only
+
+
+def test_dice_ce_weighted_trains_with_class_weights_from_the_training_labels(tmp_path):
+    from medtl.losses import class_weights
+
+    cfg = _cfg("full_finetune", epochs=1)
+    cfg.loss = "dice_ce_weighted"
+    items = _items()
+    seen = []
+    fit(cfg, items, run_dir=tmp_path, events=EventSink(listeners=[seen.append]))
+    announced = [r["message"] for r in seen if r["event"] == "message" and "class weights" in r.get("message", "")]
+    expected = ", ".join(f"{w:.3g}" for w in class_weights(items, cfg.num_classes).tolist())
+    assert announced == [f"class weights from the training labels: {expected}"]

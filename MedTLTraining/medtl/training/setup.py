@@ -24,6 +24,7 @@ from medtl.devices import resolve_device
 from medtl.errors import ConfigError
 from medtl.events import EventSink
 from medtl.infer import memory_format
+from medtl.losses import WEIGHTED as WEIGHTED_LOSSES
 from medtl.losses import class_weights, make_loss
 from medtl.models.registry import build_model
 from medtl.strategies import param_groups
@@ -128,11 +129,11 @@ class Setup:
         self.scheduler = warmup_cosine(self.optimizer, total=self.total_steps, warmup=cfg.optim.warmup_steps)
 
     def build_loss(self, items: Sequence[dict]) -> None:
-        """The loss (class weights from the labels for ``ce_weighted``), the loss step that applies
+        """The loss (class weights from the labels for a weighted loss), the loss step that applies
         it, and mixed precision on CUDA (bfloat16 where supported, else float16 with a scaler)."""
         cfg = self.cfg
         weights = None
-        if cfg.loss == "ce_weighted":
+        if cfg.loss in WEIGHTED_LOSSES:
             weights = class_weights(items, cfg.num_classes)
             self.events.emit(
                 "message",
