@@ -190,7 +190,9 @@ def budgeted(cfg: RunConfig, steps: int) -> RunConfig:
         strategy = replace(strategy, feature_extraction_epochs=max(1, round(share * epochs)) if epochs > 1 else 0)
     # A short round must not spend a large share of itself warming up.
     optim = replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, max(1, steps // 10)))
-    return replace(cfg, train=replace(cfg.train, epochs=epochs, steps_per_epoch=per_epoch), strategy=strategy, optim=optim)
+    return replace(
+        cfg, train=replace(cfg.train, epochs=epochs, steps_per_epoch=per_epoch), strategy=strategy, optim=optim
+    )
 
 
 def probe_step_seconds(
@@ -206,7 +208,9 @@ def probe_step_seconds(
     from medtl.strategies import unfrozen_stages
 
     n_stages = len(model.encoder_stages()) if hasattr(model, "encoder_stages") else 0
-    shares = [unfrozen_stages(cfg.strategy, e, n_stages) / n_stages for e in range(cfg.train.epochs)] if n_stages else [1.0]
+    shares = (
+        [unfrozen_stages(cfg.strategy, e, n_stages) / n_stages for e in range(cfg.train.epochs)] if n_stages else [1.0]
+    )
     timed: dict[str, float] = {}
     for name, needed in (("feature_extraction", min(shares) < 1), ("full_finetune", max(shares) > 0)):
         if needed:

@@ -36,9 +36,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 import numpy as np
@@ -48,7 +48,7 @@ import torch
 from medtl.config import RunConfig
 from medtl.data.checks import read_checked_image, read_checked_label
 from medtl.data.geometry import SLICE_AXES, canonical_slice, label_on_image_grid, slice_on_input_grid
-from medtl.data.io import array_like, sha256_file, write_image
+from medtl.data.io import array_like, write_image
 from medtl.data.partial_labels import UNKNOWN
 from medtl.data.slices import slice_items
 from medtl.devices import resolve_device
@@ -169,7 +169,13 @@ class WarmSession:
         }
 
     def plan(
-        self, cfg: RunConfig, items: list[dict], model: torch.nn.Module, device: torch.device, budget: float, image: _Image
+        self,
+        cfg: RunConfig,
+        items: list[dict],
+        model: torch.nn.Module,
+        device: torch.device,
+        budget: float,
+        image: _Image,
     ) -> RoundPlan:
         """The round's plan: probed in the first round of a network and configuration, then the
         same plan with the step and prediction times the last round measured."""
@@ -227,7 +233,9 @@ class WarmSession:
     def samples(self, image: _Image, labels: np.ndarray, cfg: RunConfig) -> list[dict]:
         """The annotated slices along the run's slice axis; corrected ones emphasised."""
         if cfg.spatial_dims != 2:
-            raise MedTLError("the warm engine learns 2D segmentation networks from painted slices (task segmentation_2d)")
+            raise MedTLError(
+                "the warm engine learns 2D segmentation networks from painted slices (task segmentation_2d)"
+            )
         axis = SLICE_AXES[cfg.preprocessing.slice_axis]
         items = slice_items(
             np.moveaxis(image.volume, axis, 0), np.moveaxis(labels, axis, 0), context=cfg.preprocessing.context_slices
@@ -331,9 +339,7 @@ class Preview:
         block = moved[low : index + context + 1]
         model = trainer.model
         try:
-            probs = predict_slices(
-                model, block, context_slices=context, device=trainer.device, divisor=_divisor(model)
-            )
+            probs = predict_slices(model, block, context_slices=context, device=trainer.device, divisor=_divisor(model))
         finally:
             model.train()  # the trainer's mode (frozen stages stay in eval: see TransferNet.train)
         return probs[:, index - low].argmax(0)

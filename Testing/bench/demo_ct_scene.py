@@ -44,7 +44,11 @@ def demo_ct_scene(n: int = 128) -> DemoScene:
     painted = np.zeros_like(truth)
     painted[painted_slices] = truth[painted_slices]
     user = bridge.labelmap_to_segmentation(
-        headless.scene, headless.segmentations_logic, painted, matrix, [(1, "organ", (0.9, 0.5, 0.3))],
+        headless.scene,
+        headless.segmentations_logic,
+        painted,
+        matrix,
+        [(1, "organ", (0.9, 0.5, 0.3))],
         reference_volume=volume,
     )
     return DemoScene(headless, volume, user, truth, painted_slices)

@@ -79,7 +79,6 @@ def wait_ready(engine, timeout_s: float = 120) -> float:
 
 def correct_worst_slice(scene, learner) -> int:
     """The user's correction: the unpainted slice the prediction gets most wrong, set to the truth."""
-    import numpy as np
     from MedTLExtensionLib import mrml_bridge as bridge
 
     h, node = scene.headless, learner.under_review
@@ -196,21 +195,23 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|",
         f"| Learn pressed → first preview on screen | none (progress bar only) | {first['first_preview_s']} s | "
         f"{cold['first_preview_s']} s | {second.get('first_preview_s')} s |",
-        f"| Learn pressed → prediction in the scene | {one['total_s']} s | {first['total_s']} s | {cold['total_s']} s | "
-        f"{second.get('total_s')} s |",
+        f"| Learn pressed → prediction in the scene | {one['total_s']} s | {first['total_s']} s | "
+        f"{cold['total_s']} s | {second.get('total_s')} s |",
         f"| training steps | {one['steps']} in {one['training_steps_s']} s | {first['steps']} in "
         f"{first['training_steps_s']} s | {cold['steps']} in {cold['training_steps_s']} s | {second.get('steps')} in "
         f"{second.get('training_steps_s')} s |",
         f"| besides training steps (before + after) | {one['overhead_s']} s | {first['overhead_s']} s "
         f"({first['before_training_s']} + {first['after_training_s']}) | {cold['overhead_s']} s | "
-        f"{second.get('overhead_s')} s ({second.get('before_training_s')} + {second.get('after_training_s')}) |",
+        f"{second.get('overhead_s')} s "
+        f"({second.get('before_training_s')} + {second.get('after_training_s')}) |",
         f"| why training ended | 400 steps | {first['stopped'] or 'planned steps done'} | "
         f"{cold['stopped'] or 'planned steps done'} | {second.get('stopped') or 'planned steps done'} |",
         f"| Dice on the unpainted slices | {one['dice_unpainted']} | {first['dice_unpainted']} | "
         f"{cold['dice_unpainted']} | {second.get('dice_unpainted')} |",
         "",
         f"Planner (pre-flight, {plan['planning_s']} s of probing): the one-shot round predicted at "
-        f"{plan['total_s']} s ({plan['steps']} steps × {plan['seconds_per_step']} s + {plan['predict_s']} s prediction); "
+        f"{plan['total_s']} s ({plan['steps']} steps × {plan['seconds_per_step']} s "
+        f"+ {plan['predict_s']} s prediction); "
         f"measured {round(measured, 1)} s of training steps and prediction: "
         f"{round(100 * (plan['total_s'] - measured) / measured, 1)} % off.",
     ]

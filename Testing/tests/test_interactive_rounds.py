@@ -21,7 +21,7 @@ from medtl.config import RunConfig
 from medtl.errors import ConfigError
 from medtl.events import EventSink
 from medtl.planner import RoundPlan, budgeted, fit_to_memory, plan_run
-from medtl.serve import CORRECTION_EMPHASIS, Preview, WarmSession, _Image, read_requests, serve
+from medtl.serve import CORRECTION_EMPHASIS, Preview, WarmSession, read_requests, serve
 from medtl.training import Trainer
 from medtl.training.interactive import LivePreview, LossPlateau, StopSignal, TimeBudget
 
@@ -123,7 +123,10 @@ def test_a_stop_in_the_middle_of_an_epoch_ends_the_run_with_that_epoch_checkpoin
 
     seen: list[dict] = []
     trainer = Trainer(
-        _cfg(tmp_path), _items(), run_dir=tmp_path / "run", events=EventSink(listeners=[seen.append]),
+        _cfg(tmp_path),
+        _items(),
+        run_dir=tmp_path / "run",
+        events=EventSink(listeners=[seen.append]),
         handlers=[StopAtStep7()],
     )
     state = trainer.run_training()
@@ -160,8 +163,14 @@ def test_plan_on_a_stubbed_device_lowers_the_micro_batch_and_sizes_a_budgeted_ro
     monkeypatch.setattr(planner, "available_memory", lambda device: int((one + eight) / 2 / planner.MEMORY_HEADROOM))
     seen: list[dict] = []
     plan = plan_run(
-        cfg, _items(), model, device=torch.device("cpu"), predict_slices=40, budget_s=3.0,
-        events=EventSink(listeners=[seen.append]), seconds_per_step=0.25,
+        cfg,
+        _items(),
+        model,
+        device=torch.device("cpu"),
+        predict_slices=40,
+        budget_s=3.0,
+        events=EventSink(listeners=[seen.append]),
+        seconds_per_step=0.25,
     )
     assert 1 <= plan.micro_batch < 8 and plan.patch_size == [32, 32]
     assert plan.steps == 12 and plan.train_s == pytest.approx(3.0)

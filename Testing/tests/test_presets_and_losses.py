@@ -198,3 +198,25 @@ def test_2d_tasks_resample_in_plane_only():
         }
     )
     assert working_image(image, cfg3d).GetSize() == (15, 20, 30)
+
+
+def test_a_patch_as_large_as_the_sample_skips_the_class_search_and_keeps_the_sample():
+    import numpy as np
+    from medtl.data.presets import ClassBalancedCrop, training_transform
+
+    rng = np.random.default_rng(0)
+    item = {
+        "image": rng.random((1, 32, 32), dtype=np.float32),
+        "label": (rng.random((1, 32, 32)) > 0.7).astype(np.uint8),
+    }
+    whole = training_transform(patch_size=[32, 32], level="none", spatial_dims=2, class_ratios=[1, 2])
+    crop = next(t for t in whole.transforms if isinstance(t, ClassBalancedCrop))
+    searched = []
+    crop.crop.randomize = lambda *a, **k: searched.append(1)  # MONAI's class search
+    out = whole(dict(item))
+    assert np.array_equal(np.asarray(out["image"]), item["image"]) and np.array_equal(
+        np.asarray(out["label"]), item["label"]
+    )
+    assert searched == []
+    smaller = training_transform(patch_size=[16, 16], level="none", spatial_dims=2, class_ratios=[1, 2])
+    assert tuple(smaller(dict(item))["label"].shape) == (1, 16, 16)

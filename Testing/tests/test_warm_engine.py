@@ -88,7 +88,9 @@ def test_two_rounds_on_one_warm_engine_with_previews(scene_with_painting, tmp_pa
 
         # A second round (a correction erased on slice 2) on the same process, without a new start-up.
         review = learner.under_review
-        predicted, _ = mrml_bridge.segmentation_to_labelmap(headless.scene, headless.segmentations_logic, review, volume)
+        predicted, _ = mrml_bridge.segmentation_to_labelmap(
+            headless.scene, headless.segmentations_logic, review, volume
+        )
         predicted[2] = 0
         mrml_bridge.replace_segment_voxels(
             review, mrml_bridge.list_segment_ids(review.GetSegmentation())[0], predicted == 1, volume

@@ -17,7 +17,10 @@ def add_parser(subparsers) -> None:
         "--requests", metavar="DIR", help="read requests from files in this folder instead of stdin (ends when it goes)"
     )
     p.add_argument(
-        "--idle-exit-s", type=float, default=1800.0, help="exit after this many seconds without a request (default 1800)"
+        "--idle-exit-s",
+        type=float,
+        default=1800.0,
+        help="exit after this many seconds without a request (default 1800)",
     )
     p.set_defaults(func=run)
 

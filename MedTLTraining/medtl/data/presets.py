@@ -19,7 +19,6 @@ from monai.transforms import (
     ClipIntensityPercentiles,
     Compose,
     HistogramNormalize,
-    Lambda,
     NormalizeIntensity,
     Rand2DElasticd,
     Rand3DElasticd,
@@ -30,6 +29,7 @@ from monai.transforms import (
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
+    Randomizable,
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
@@ -205,9 +205,29 @@ def _patch_crop(keys: Sequence[str], patch_size: Sequence[int], class_ratios: Se
         num_samples=1,
         warn=False,
     )
-    return [crop, Lambda(_single_sample)]
+    return [ClassBalancedCrop(crop, patch_size)]
 
 
-def _single_sample(samples):
-    # RandCropByLabelClassesd returns a list of num_samples dicts; training draws one at a time.
-    return samples[0] if isinstance(samples, list) else samples
+class ClassBalancedCrop(Randomizable, Transform):
+    """MONAI's ``RandCropByLabelClassesd`` (one sample), skipped where the patch is the whole
+    sample: every centre then gives the same crop, and finding each class's voxels costs as much
+    as the rest of the augmentation (a 128 x 128 slice with a 128 x 128 patch: the Slicer module's
+    rounds on small volumes, the demo)."""
+
+    def __init__(self, crop: RandCropByLabelClassesd, patch_size: Sequence[int]) -> None:
+        self.crop = crop
+        self.patch_size = tuple(patch_size)
+
+    def set_random_state(self, seed: int | None = None, state=None) -> ClassBalancedCrop:
+        self.crop.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data=None) -> None:
+        """The wrapped crop draws its own centre."""
+
+    def __call__(self, data):
+        if tuple(data["label"].shape[1:]) == self.patch_size:
+            return data
+        samples = self.crop(data)
+        # A list of num_samples (1) dicts; training draws one sample at a time.
+        return samples[0] if isinstance(samples, list) else samples
