@@ -60,6 +60,7 @@ from medtl.planner import RoundPlan, budgeted, plan_run, replan
 from medtl.stop import Cancelled
 from medtl.training import Trainer
 from medtl.training.interactive import LivePreview, LossPlateau, StopSignal, TimeBudget
+from medtl.training.setup import new_network
 
 CORRECTION_EMPHASIS = 3.0
 """How much more often a slice the user corrected since the last round is drawn for training."""
@@ -252,13 +253,7 @@ class WarmSession:
         """The last round's network while it knows these structures, else a new one as configured."""
         if self.model is not None and self.known == (cfg.model.name, tuple(cfg.data.label_names)):
             return self.model
-        from medtl.models.registry import build_model
-
-        torch.manual_seed(cfg.train.seed)  # the new head's initialisation is part of the run
-        model = build_model(cfg.model.name, num_classes=cfg.num_classes, pretrained=cfg.model.pretrained)
-        report = getattr(model, "load_report", None)
-        if report is not None:
-            self.events.emit("message", message=f"initial weights from {cfg.model.pretrained}: {report.summary()}")
+        model = new_network(cfg, self.events)
         self.image = None if self.image is None else replace(self.image, labels=None)
         self.optimizer_state = None
         return model.to(device)
@@ -289,7 +284,6 @@ class WarmSession:
             outputs["uncertainty"] = str(request["uncertainty"])
         # A package every round: a crashed engine's successor, and Apply, start from it.
         package = save_package(Path(cfg.output_dir) / "model", self.model, cfg, metrics={"rounds": self.rounds})
-        self.model.train()  # save_package leaves it as it was; the next round's trainer sets modes
         outputs["package"] = str(package)
         return outputs
 

@@ -24,8 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from medtl.data.dataset import load_cases
     from medtl.devices import resolve_device
     from medtl.errors import DataError
-    from medtl.models.registry import build_model
     from medtl.planner import plan_run
+    from medtl.training.setup import new_network
     from medtl.validation_split import split_cases
 
     cfg = run_config(args)
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     cases = load_cases(cfg.data.csv, label_files=not cfg.is_classification)
     train_cases, _val = split_cases(cases, cfg.data.val_fraction, cfg.train.seed, cfg.data.group_column)
     device = resolve_device(cfg.train.device, events)
-    model = build_model(cfg.model.name, num_classes=cfg.num_classes, pretrained=cfg.model.pretrained).to(device)
+    model = new_network(cfg, events).to(device)
     plan = plan_run(cfg, training_items(train_cases, cfg), model, device=device, budget_s=args.budget_s, events=events)
     events.close()
     if args.events != "-":

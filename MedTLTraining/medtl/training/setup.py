@@ -50,6 +50,17 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, *, total: int, warmup: int) 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total=total, warmup=warmup))
 
 
+def new_network(cfg: RunConfig, events: EventSink, *, announce: bool = True) -> torch.nn.Module:
+    """The configured network with its initial weights (``model.pretrained``), a new head and
+    decoder seeded by ``train.seed``; with ``announce``, a message says where the weights came from."""
+    torch.manual_seed(cfg.train.seed)  # the new head/decoder's initialisation is part of the run
+    model = build_model(cfg.model.name, num_classes=cfg.num_classes, pretrained=cfg.model.pretrained)
+    report = getattr(model, "load_report", None)
+    if report is not None and announce:
+        events.emit("message", message=f"initial weights from {cfg.model.pretrained}: {report.summary()}")
+    return model
+
+
 class Setup:
     """Builds the parts of a training run; the arguments are the trainer's."""
 
@@ -96,11 +107,7 @@ class Setup:
         """The given network or a new one, with domain-specific BatchNorm when asked, on the device."""
         cfg = self.cfg
         if model is None:
-            torch.manual_seed(cfg.train.seed)  # the new head/decoder's initialisation is part of the run
-            model = build_model(cfg.model.name, num_classes=cfg.num_classes, pretrained=cfg.model.pretrained)
-            report = getattr(model, "load_report", None)
-            if report is not None and announce:
-                self.events.emit("message", message=f"initial weights from {cfg.model.pretrained}: {report.summary()}")
+            model = new_network(cfg, self.events, announce=announce)
         if self.n_domains:
             if any("domain" not in item for item in items):
                 raise ValueError("domain-specific BatchNorm needs a 'domain' index in every training sample")
