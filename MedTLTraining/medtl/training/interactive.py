@@ -8,8 +8,8 @@ Example:
     >>> from types import SimpleNamespace
     >>> stops = []
     >>> trainer = SimpleNamespace(request_stop=stops.append, steps_done=0)
-    >>> plateau = LossPlateau(patience=3, min_steps=0)
-    >>> for loss in [1.0, 0.5, 0.5, 0.5, 0.5, 0.5]:
+    >>> plateau = LossPlateau(patience=3, min_steps=0, smoothing=1.0)  # raw losses, for the example
+    >>> for loss in [1.0, 0.5, 0.5, 0.5, 0.5]:
     ...     trainer.steps_done += 1
     ...     plateau.on_step_end(trainer, loss)
     >>> stops
