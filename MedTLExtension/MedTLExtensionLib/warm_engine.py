@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -160,8 +161,6 @@ class WarmRound:
         if not self.process.send({"request": "cancel"}):
             self.process.kill()
             return
-        import threading
-
         timer = threading.Timer(CANCEL_GRACE_S, self._kill_if_running)
         timer.daemon = True
         timer.start()

@@ -34,16 +34,23 @@ def load_case_arrays(case: Case, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray
 
     arrays = _cached(cfg, [case.image, case.label], "segmentation", make)
     labels = arrays["label"]
+    check_label_values(labels, cfg, where=f"row {case.row}: label {case.label.name}")
+    if cfg.data.labelled_slices and cfg.spatial_dims == 2:
+        labels = unpainted_slices_unknown(labels, SLICE_AXES[cfg.preprocessing.slice_axis])
+    return arrays["image"], labels
+
+
+def check_label_values(labels: np.ndarray, cfg: RunConfig, *, where: str) -> np.ndarray:
+    """The annotated values of ``labels``, after checking they are classes of ``data.label_names``
+    (255 is unknown); the error says ``where``."""
     known = labels[labels != UNKNOWN]
     low, high = (int(known.min()), int(known.max())) if known.size else (0, 0)
     if low < 0 or high >= cfg.num_classes:
         raise DataError(
-            f"row {case.row}: label {case.label.name} has values {low}..{high}, "
+            f"{where} has values {low}..{high}, "
             f"but data.label_names defines 0..{cfg.num_classes - 1} ({UNKNOWN}: unknown)"
         )
-    if cfg.data.labelled_slices and cfg.spatial_dims == 2:
-        labels = unpainted_slices_unknown(labels, SLICE_AXES[cfg.preprocessing.slice_axis])
-    return arrays["image"], labels
+    return known
 
 
 def case_label_image(case: Case, image: sitk.Image, cfg: RunConfig) -> sitk.Image:

@@ -45,6 +45,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from medtl.case_data import check_label_values
 from medtl.config import RunConfig
 from medtl.data.checks import read_checked_image, read_checked_label
 from medtl.data.geometry import SLICE_AXES, canonical_slice, label_on_image_grid, slice_on_input_grid
@@ -221,12 +222,7 @@ class WarmSession:
             unknown=UNKNOWN,
         )
         labels = sitk.GetArrayFromImage(working_image(label, cfg, labels=True))
-        known = labels[labels != UNKNOWN]
-        if known.size and (known.min() < 0 or known.max() >= cfg.num_classes):
-            raise DataError(
-                f"label {path.name}: values {int(known.min())}..{int(known.max())}, but data.label_names defines "
-                f"0..{cfg.num_classes - 1} ({UNKNOWN}: unknown)"
-            )
+        known = check_label_values(labels, cfg, where=f"label {path.name}")
         if not known.size:
             raise DataError(f"label {path.name}: every voxel is {UNKNOWN} (unknown): paint a few slices first")
         return labels.astype(np.uint8)
